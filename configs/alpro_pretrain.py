@@ -1,0 +1,141 @@
+"""ALPRO video-language pre-training: VTC + VTM + MLM.
+
+  python -m launch.train --config=configs/alpro_pretrain.py:demo --workdir=runs/demo
+
+Presets: `tiny` (unit tests, seconds), `demo` (README main job, minutes on 2 CPU cores, on the
+synthetic "moving shapes" corpus generated into WORKDIR/data), `base` (paper sizes: TimeSformer-B/16
++ bert-base, 4 frames, 224 px, batch 256; set `data.dir` and `data.vocab` to real data).
+"""
+import ml_collections
+
+from vlp_jax import config as config_lib
+
+
+def base() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.task = "alpro"
+
+  # Data. `dir` holds `<split>-XXXXX-of-XXXXX.tfrecord`; empty = `WORKDIR/data`, generated
+  # from the synthetic corpus when `synthetic.generate` is set and it is not there yet.
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "tfrecord"           # "tfrecord" | "random" (device benchmark, no TF)
+  c.data.dir = ""
+  c.data.vocab = ""                     # vocab.txt for the BERT tokenizer; "" = DIR/vocab.txt
+  c.data.train_split = "train"
+  c.data.eval_splits = "test"           # comma-separated
+  c.data.num_frames = 4
+  c.data.image_size = 224
+  c.data.train_sampling = "rand"        # rand | headtail | uniform
+  c.data.eval_sampling = "uniform"
+  c.data.crop_scale = (0.8, 1.0)        # random-resized-crop area range in training
+  c.data.flip = False                   # horizontal flip swaps left/right: off for motion captions
+  c.data.max_text_len = 30
+  c.data.mlm_prob = 0.15
+  c.data.shuffle_buffer = 1024
+  c.data.num_parallel_calls = -1        # -1 = tf.data.AUTOTUNE
+  c.data.prefetch = 2
+  c.data.synthetic = ml_collections.ConfigDict()
+  c.data.synthetic.generate = False
+  c.data.synthetic.seed = 0
+  c.data.synthetic.num_train = 4096
+  c.data.synthetic.num_val = 256
+  c.data.synthetic.num_test = 256
+  c.data.synthetic.num_test_unseen = 256
+  c.data.synthetic.num_frames = 8       # stored frames per clip; the pipeline samples num_frames
+  c.data.synthetic.image_size = 64
+  c.data.synthetic.num_shards = 4
+
+  # Model (ALPRO: TimeSformer-B/16 + bert-base with fusion from layer 6).
+  c.model = ml_collections.ConfigDict()
+  c.model.video = ml_collections.ConfigDict(dict(
+      image_size=224, patch_size=16, num_frames=4, hidden=768, layers=12, heads=12,
+      mlp_dim=3072, temporal="divided", dropout=0.0))
+  c.model.text = ml_collections.ConfigDict(dict(
+      vocab_size=0,                     # 0 = size of the tokenizer's vocabulary
+      hidden=768, layers=12, fusion_layer=6, heads=12, mlp_dim=3072, max_position=512,
+      dropout=0.1))
+  c.model.embed_dim = 256
+  c.model.temp_init = 0.07
+  c.model.attention = "xla"             # xla | cudnn
+  c.model.dtype = "float32"             # compute dtype; params stay float32
+  c.model.remat = "none"                # none | full | dots | dots_no_batch
+
+  c.loss = ml_collections.ConfigDict(dict(vtc=1.0, vtm=1.0, mlm=1.0))
+
+  c.optim = ml_collections.ConfigDict(dict(
+      lr=1e-4, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.01, warmup_frac=0.05, end_lr_frac=0.0,
+      clip_norm=20.0, grad_accum=1))
+
+  c.batch_size = 256                    # global, over all processes
+  c.num_steps = 100_000
+  c.log_every = 50
+  c.eval_every = 5000                   # 0 = only at the end
+  c.eval_batch_size = 256
+  c.ckpt_every = 1000
+  c.keep_ckpts = 3
+  c.progress = True
+
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # Logical axis -> mesh axes. A mesh axis already used by an earlier dimension of the same
+  # array is skipped, so activations [batch, length, embed] keep embed unsharded.
+  c.sharding_rules = (
+      ("batch", ("data", "fsdp")),
+      ("embed", "fsdp"),
+      ("heads", "tensor"),
+      ("mlp", "tensor"),
+      ("vocab", "tensor"),
+      ("kv", None),
+      ("length", None),
+      ("frames", None),
+      ("entities", "tensor"),
+      ("classes", "tensor"),
+  )
+  return c
+
+
+def _tiny(c):
+  c.data.synthetic.generate = True
+  c.data.synthetic.update(num_train=64, num_val=16, num_test=16, num_test_unseen=16,
+                          num_frames=4, image_size=32, num_shards=2)
+  c.data.update(num_frames=2, image_size=32, shuffle_buffer=64, max_text_len=16)
+  c.model.video.update(image_size=32, patch_size=16, num_frames=2, hidden=32, layers=2, heads=2,
+                       mlp_dim=64)
+  c.model.text.update(hidden=32, layers=2, fusion_layer=1, heads=2, mlp_dim=64, max_position=64)
+  c.model.embed_dim = 16
+  c.optim.update(lr=1e-3, warmup_frac=0.1)
+  c.batch_size = 8
+  c.eval_batch_size = 8
+  c.num_steps = 30
+  c.log_every = 5
+  c.eval_every = 0
+  c.ckpt_every = 10
+  c.progress = False
+
+
+def _demo(c):
+  c.data.synthetic.generate = True
+  c.data.update(num_frames=4, image_size=64, shuffle_buffer=1024, max_text_len=16)
+  c.model.video.update(image_size=64, patch_size=8, num_frames=4, hidden=128, layers=4, heads=4,
+                       mlp_dim=256)
+  c.model.text.update(hidden=128, layers=4, fusion_layer=2, heads=4, mlp_dim=256,
+                      max_position=64)
+  c.model.embed_dim = 128
+  c.optim.update(lr=5e-4, warmup_frac=0.05)
+  c.batch_size = 64
+  c.eval_batch_size = 64
+  c.num_steps = 1500
+  c.log_every = 50
+  c.eval_every = 500
+  c.ckpt_every = 500
+
+
+def _base(c):
+  c.data.synthetic.generate = False
+
+
+PRESETS = {"tiny": _tiny, "demo": _demo, "base": _base}
+
+
+def get_config(arg=None):
+  return config_lib.build(arg, PRESETS, base)
