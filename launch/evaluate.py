@@ -1,0 +1,38 @@
+"""Evaluate a checkpoint of a run on the config's eval splits.
+
+  python -m launch.evaluate --config=configs/alpro_pretrain.py:demo --workdir=runs/demo [--step=N]
+
+Metrics are printed and appended to WORKDIR/metrics.jsonl under each split's name.
+"""
+import json
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from launch import common
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file and preset: FILE.py:PRESET[,k=v]",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "The run's directory (with checkpoints/).")
+flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).")
+flags.mark_flags_as_required(["config", "workdir"])
+common.define_distributed_flags()
+
+
+def main(argv):
+  del argv
+  common.setup(FLAGS)
+  from vlp_jax.train import loop, metrics
+  run = loop.Run(FLAGS.config, FLAGS.workdir)
+  step = run.restore(step=FLAGS.step)
+  if step is None:
+    raise app.UsageError(f"no checkpoint in {run.checkpointer.manager.directory}")
+  writer = metrics.MetricWriter(run.workdir, tensorboard=False)
+  results = run.evaluate(step, writer)
+  run.checkpointer.close()
+  print(json.dumps({"step": step, **results}, indent=2))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,86 @@
+"""Builds the loaders a run needs from its config (the trainer's one entry into data/).
+
+TensorFlow is imported only for `data.source == "tfrecord"`, so the device benchmark path
+(`data.source = "random"`) runs without it.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+from absl import logging
+from jax.experimental import multihost_utils
+
+
+def resolve_dir(config, workdir: str) -> str:
+  """The dataset directory: `config.data.dir`, or WORKDIR/data (generated when synthetic).
+
+  Raises:
+    FileNotFoundError: the directory does not exist and no synthetic corpus is configured.
+  """
+  d = config.data
+  path = os.path.abspath(d.dir) if d.dir else os.path.join(os.path.abspath(workdir), "data")
+  if d.synthetic.generate:
+    if jax.process_index() == 0:
+      from vlp_jax.data import synthetic
+      synthetic.ensure(path, d.synthetic)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("synthetic corpus ready")
+  if not os.path.isdir(path):
+    raise FileNotFoundError(
+        f"data directory {path!r} does not exist: set --config.data.dir to a directory of "
+        "TFRecord shards (see `python -m launch.ingest`), or use a preset that generates the "
+        "synthetic corpus")
+  return path
+
+
+class TextInfo:
+  """Tokenizer (None for random data) and the vocabulary facts the model and masking need."""
+
+  def __init__(self, tokenizer: Any, vocab_size: int):
+    self.tokenizer = tokenizer
+    self.vocab_size = vocab_size
+
+
+def text_info(config, data_dir: str | None) -> TextInfo:
+  if config.data.source == "random":
+    size = int(config.model.text.vocab_size)
+    if size <= 0:
+      raise ValueError("data.source='random' needs config.model.text.vocab_size > 0")
+    return TextInfo(None, size)
+  from vlp_jax.data import tokenizer as tok
+  vocab = config.data.vocab or os.path.join(data_dir, "vocab.txt")
+  t = tok.load_tokenizer(vocab)
+  return TextInfo(t, len(t))
+
+
+def train_loader(config, data_dir: str | None, text: TextInfo, batch_per_process: int):
+  """Infinite host-local batches for training (this process's rows of each global batch)."""
+  d = config.data
+  if d.source == "random":
+    from vlp_jax.data.random_source import RandomLoader
+    return RandomLoader(batch_size_global=config.batch_size, num_frames=d.num_frames,
+                        image_size=d.image_size, max_text_len=d.max_text_len,
+                        vocab_size=text.vocab_size, seed=config.seed,
+                        process_index=jax.process_index(), process_count=jax.process_count())
+  if d.source != "tfrecord":
+    raise ValueError(f"config.data.source must be 'tfrecord' or 'random', got {d.source!r}")
+  from vlp_jax.data.pipeline import Loader
+  return Loader(d, d.train_split, batch_size=batch_per_process, training=True, seed=config.seed,
+                tokenizer=text.tokenizer, num_frames=d.num_frames, image_size=d.image_size,
+                process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def eval_loader(config, data_dir: str, split: str, text: TextInfo, batch_per_process: int):
+  """One deterministic pass over `split`; the last batch is padded with valid=False rows."""
+  from vlp_jax.data.pipeline import Loader
+  d = config.data
+  return Loader(d, split, batch_size=batch_per_process, training=False, seed=config.seed,
+                tokenizer=text.tokenizer, num_frames=d.num_frames, image_size=d.image_size,
+                process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def eval_splits(config) -> list[str]:
+  return [s.strip() for s in str(config.data.eval_splits).split(",") if s.strip()]
+

@@ -1,0 +1,56 @@
+"""Runs an embedding function over an eval loader and keeps the features on device."""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from vlp_jax.parallel import sharding as shd
+
+
+def collect(fn: Callable[[Any, dict], Any], params: Any, batches: Iterable[dict], mesh,
+            rules) -> Any:
+  """Applies `fn(params, global_batch)` to every batch; returns its outputs for valid rows.
+
+  Args:
+    fn: returns a pytree of arrays with the batch as leading dimension.
+    batches: host-local numpy batches with a bool `valid` [B] (padding rows are False).
+  Returns:
+    The concatenated outputs over all valid rows of all processes (global order), replicated.
+  """
+  jitted = jax.jit(fn)
+  outs, valids = [], []
+  for batch in batches:
+    g = shd.host_to_global(batch, mesh, rules)
+    valid = g.pop("valid")
+    with shd.activate(mesh, rules):
+      outs.append(jitted(params, g))
+    valids.append(multihost_utils.process_allgather(valid, tiled=True))
+  if not outs:
+    raise ValueError("the evaluation split produced no batches")
+  keep = np.nonzero(np.concatenate(valids))[0]
+  if keep.size == 0:
+    raise ValueError("the evaluation split has no valid examples")
+  gather = jax.jit(lambda xs, idx: jax.tree.map(lambda *a: jnp.concatenate(a)[idx], *xs),
+                   out_shardings=shd.replicated(mesh))
+  return gather(outs, jnp.asarray(keep))
+
+
+def similarity(text_feat: jax.Array, video_feat: jax.Array, mesh, rules) -> jax.Array:
+  """text [Nt, E] @ video [Nv, E]^T -> float32 [Nt, Nv], rows sharded when they divide evenly."""
+  rows = shd.batch_sharding(mesh, rules, 2)
+  n_shards = int(np.prod([mesh.shape[a] for a in _axes(rows.spec[0])]))
+  out = rows if text_feat.shape[0] % n_shards == 0 else NamedSharding(mesh, P())
+  fn = jax.jit(lambda t, v: jnp.einsum("te,ve->tv", t.astype(jnp.float32),
+                                       v.astype(jnp.float32)), out_shardings=out)
+  return fn(text_feat, video_feat)
+
+
+def _axes(spec) -> tuple:
+  if spec is None:
+    return ()
+  return tuple(spec) if isinstance(spec, tuple) else (spec,)

@@ -1,0 +1,84 @@
+"""Video-text matching (VTM) of ALPRO: hard-negative sampling and the 2-way matching loss.
+
+For each text one negative video, and for each video one negative text, are drawn from the
+VTC similarities with the positive masked out, so similar-but-wrong pairs are drawn more
+often. The fusion encoder then scores B positive and 2B negative pairs; labels are
+`[1] * B + [0] * 2B` (class 1 = matched).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def sample_hard_negatives(rng: jax.Array, logits_t2v: jax.Array
+                         ) -> tuple[jax.Array, jax.Array]:
+  """Draws one hard negative video per text and one hard negative text per video.
+
+  Text `i` gets video `j != i` with probability `softmax(logits_t2v[i])_j` renormalised
+  over `j != i`; video `j` gets text `i != j` with probability
+  `softmax(logits_t2v[:, j])_i` renormalised over `i != j`. No gradient flows into the
+  logits (sampling is a discrete choice, as in ALPRO's `torch.no_grad` block).
+
+  Args:
+    rng: a PRNG key.
+    logits_t2v: float [B, B] text-to-video logits (rows = texts), e.g. from `vtc_loss`.
+
+  Returns:
+    neg_video_for_text: int32 [B], a video index `!= i` for each text `i`.
+    neg_text_for_video: int32 [B], a text index `!= j` for each video `j`.
+
+  Raises:
+    ValueError: if `logits_t2v` is not square or B < 2 (no negative exists).
+  """
+  if logits_t2v.ndim != 2 or logits_t2v.shape[0] != logits_t2v.shape[1]:
+    raise ValueError(
+        f"sample_hard_negatives expects square logits [B, B], got {tuple(logits_t2v.shape)}")
+  b = logits_t2v.shape[0]
+  if b < 2:
+    raise ValueError(
+        f"sample_hard_negatives needs a batch of at least 2 pairs to find a negative, got B={b}")
+  logits = jax.lax.stop_gradient(logits_t2v).astype(jnp.float32)
+  # -inf on the diagonal: the positive gets probability exactly 0 and the rest is the
+  # renormalised softmax (categorical samples by Gumbel-max, which handles -inf).
+  masked = jnp.where(jnp.eye(b, dtype=bool), -jnp.inf, logits)
+  key_v, key_t = jax.random.split(rng)
+  neg_video_for_text = jax.random.categorical(key_v, masked, axis=1)
+  neg_text_for_video = jax.random.categorical(key_t, masked, axis=0)
+  return neg_video_for_text.astype(jnp.int32), neg_text_for_video.astype(jnp.int32)
+
+
+def _pair_ce(logits: jax.Array, label: int) -> jax.Array:
+  """Cross-entropy [B] of 2-way logits [B, 2] against a constant label, in float32."""
+  return -jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)[:, label]
+
+
+def vtm_loss(logits_pos: jax.Array, logits_neg_video: jax.Array,
+             logits_neg_text: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Video-text matching cross-entropy over B positive and 2B negative pairs.
+
+  Args:
+    logits_pos: float [B, 2], VTM head on (text i, video i); label 1.
+    logits_neg_video: float [B, 2], VTM head on (text i, its hard negative video); label 0.
+    logits_neg_text: float [B, 2], VTM head on (video i, its hard negative text); label 0.
+
+  Returns:
+    per_sample: float32 [B], mean of the three cross-entropies that belong to sample i,
+      so `mean(per_sample)` equals ALPRO's mean CE over all 3B pairs.
+    metrics: `vtm/acc`: float32 scalar, argmax accuracy over all 3B pairs (0-1).
+  """
+  shapes = [tuple(x.shape) for x in (logits_pos, logits_neg_video, logits_neg_text)]
+  if len(set(shapes)) != 1 or len(shapes[0]) != 2 or shapes[0][1] != 2:
+    raise ValueError(f"vtm_loss expects three [B, 2] logit arrays, got {shapes}")
+  ce_pos = _pair_ce(logits_pos, 1)
+  ce_neg_video = _pair_ce(logits_neg_video, 0)
+  ce_neg_text = _pair_ce(logits_neg_text, 0)
+  per_sample = (ce_pos + ce_neg_video + ce_neg_text) / 3.0
+
+  correct = jnp.concatenate([
+      jnp.argmax(logits_pos, axis=-1) == 1,
+      jnp.argmax(logits_neg_video, axis=-1) == 0,
+      jnp.argmax(logits_neg_text, axis=-1) == 0,
+  ])
+  metrics = {"vtm/acc": jnp.mean(correct.astype(jnp.float32))}
+  return per_sample, metrics

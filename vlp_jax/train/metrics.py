@@ -1,0 +1,104 @@
+"""Metric output: WORKDIR/metrics.jsonl, TensorBoard event files, a console progress bar.
+
+Only process 0 writes; every process may call the methods.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+
+def _to_float(v: Any) -> float:
+  return float(np.asarray(v))
+
+
+def mean_metrics(history: list[Mapping[str, Any]]) -> dict[str, float]:
+  """Averages a list of per-step metric dicts (device or host scalars) key by key."""
+  if not history:
+    return {}
+  fetched = jax.device_get(history)
+  return {k: float(np.mean([_to_float(m[k]) for m in fetched if k in m])) for k in fetched[0]}
+
+
+class MetricWriter:
+  """Writes `{"step", "split", **metrics}` lines to metrics.jsonl and scalars to TensorBoard."""
+
+  def __init__(self, workdir: str, *, tensorboard: bool = True):
+    self.active = jax.process_index() == 0
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._tb = None
+    if self.active:
+      os.makedirs(workdir, exist_ok=True)
+      if tensorboard:
+        try:
+          from tensorboardX import SummaryWriter  # optional at run time
+          self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        except ImportError:
+          self._tb = None
+
+  def write(self, step: int, split: str, metrics: Mapping[str, Any]) -> dict:
+    """Appends one event; non-finite values are written as null in JSON (and skipped in TB)."""
+    values = {k: _to_float(v) for k, v in metrics.items()}
+    if self.active:
+      row = {"step": int(step), "split": split}
+      row.update({k: (v if math.isfinite(v) else None) for k, v in values.items()})
+      with open(self.path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+      if self._tb is not None:
+        for k, v in values.items():
+          if math.isfinite(v):
+            self._tb.add_scalar(f"{split}/{k}", v, step)
+        self._tb.flush()
+    return values
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """All events of WORKDIR/metrics.jsonl, in order."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+class Progress:
+  """One console line: step, steps/s, ETA and the latest loss; redrawn at most twice a second."""
+
+  def __init__(self, start: int, total: int, enabled: bool = True):
+    self.start, self.total = start, total
+    self.t0 = time.time()
+    self.last_draw = 0.0
+    self.enabled = enabled and jax.process_index() == 0
+    self.loss = float("nan")
+
+  def update(self, step: int, loss: float | None = None) -> None:
+    if loss is not None:
+      self.loss = loss
+    now = time.time()
+    if not self.enabled or (now - self.last_draw < 0.5 and step < self.total):
+      return
+    self.last_draw = now
+    done = step - self.start
+    rate = done / max(now - self.t0, 1e-9)
+    eta = (self.total - step) / rate if rate > 0 else float("inf")
+    frac = step / max(self.total, 1)
+    bar = "#" * int(30 * frac)
+    eta_s = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "--:--:--"
+    sys.stderr.write(f"\r[{bar:<30}] {step}/{self.total} {rate:.2f} steps/s ETA {eta_s} "
+                     f"loss {self.loss:.4f} ")
+    sys.stderr.flush()
+
+  def close(self) -> None:
+    if self.enabled:
+      sys.stderr.write("\n")
