@@ -56,7 +56,7 @@ def vtc_loss(video_feat: jax.Array, text_feat: jax.Array, temp: jax.Array
 
   # log_softmax subtracts the max: stable for any temperature.
   logp_t2v = jax.nn.log_softmax(logits_t2v, axis=1)  # text i over videos
-  logp_v2t = jax.nn.log_softmax(logits_t2v, axis=1)  # video j over texts (columns)
+  logp_v2t = jax.nn.log_softmax(logits_t2v, axis=0)  # video j over texts (columns)
   ce_t2v = -jnp.diagonal(logp_t2v)
   ce_v2t = -jnp.diagonal(logp_v2t)
   per_sample = 0.5 * (ce_t2v + ce_v2t)

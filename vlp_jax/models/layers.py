@@ -180,3 +180,49 @@ class MultiHeadAttention(nn.Module):
     mask = None if key_mask is None else attention_mask(key_mask, x.shape[1], self.attention)
     out = dot_product_attention(q, k, v, mask, self.attention)
     return constrain(out, names)
+
+
+class OutputDense(nn.Module):
+  """A `dense` (+ hidden dropout) under a named scope, i.e. HF's `*.output.dense`.
+
+  Attributes:
+    features: output width.
+    kernel_axes: logical kernel names (e.g. `("heads", "kv", "embed")`).
+    axis: contracted input axes (`(-2, -1)` for per-head attention values).
+    dtype: compute dtype.
+    dropout: hidden dropout rate (rng "dropout").
+    kernel_init: kernel initializer.
+  """
+  features: int
+  kernel_axes: tuple
+  axis: Any = -1
+  dtype: Dtype = jnp.float32
+  dropout: float = 0.0
+  kernel_init: Initializer | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+    """x `[..., in...]` -> `[..., features]` in `dtype`."""
+    y = dense(self.features, self.kernel_axes, axis=self.axis, dtype=self.dtype,
+              kernel_init=self.kernel_init, name="dense")(x)
+    if self.dropout:
+      y = nn.Dropout(self.dropout)(y, deterministic)
+    return y
+
+
+class Intermediate(nn.Module):
+  """HF `*.intermediate`: `dense` (embed -> mlp) and exact (erf) GELU (+ dropout)."""
+  features: int
+  dtype: Dtype = jnp.float32
+  dropout: float = 0.0
+  kernel_init: Initializer | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+    """x `[B, L, D]` -> `[B, L, features]` in `dtype`."""
+    y = dense(self.features, ("embed", "mlp"), dtype=self.dtype, kernel_init=self.kernel_init,
+              name="dense")(x)
+    y = constrain(nn.gelu(y, approximate=False), ("batch", "length", "mlp"))
+    if self.dropout:
+      y = nn.Dropout(self.dropout)(y, deterministic)
+    return y

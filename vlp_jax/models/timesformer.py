@@ -118,27 +118,8 @@ class TimesformerAttention(nn.Module):
     """x `[B', L, D]` -> `[B', L, D]` (no mask: every token is real)."""
     heads = layers.MultiHeadAttention(self.num_heads, self.dtype, self.attention, fused_qkv=True,
                                       kernel_init=_INIT, name="attention")(x)
-    out = _Output(x.shape[-1], ("heads", "kv", "embed"), (-2, -1), self.dtype, self.dropout,
-                  name="output")(heads, deterministic)
-    return out
-
-
-class _Output(nn.Module):
-  """A `dense` (+ dropout) under a named scope (HF `*.output.dense`)."""
-  features: int
-  kernel_axes: tuple
-  axis: Any
-  dtype: Any
-  dropout: float = 0.0
-  kernel_init: Any = _INIT
-
-  @nn.compact
-  def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
-    y = layers.dense(self.features, self.kernel_axes, axis=self.axis, dtype=self.dtype,
-                     kernel_init=self.kernel_init, name="dense")(x)
-    if self.dropout:
-      y = nn.Dropout(self.dropout)(y, deterministic)
-    return y
+    return layers.OutputDense(x.shape[-1], ("heads", "kv", "embed"), (-2, -1), self.dtype,
+                              self.dropout, _INIT, name="output")(heads, deterministic)
 
 
 class TimesformerLayer(nn.Module):
@@ -185,28 +166,13 @@ class TimesformerLayer(nn.Module):
     x = jnp.concatenate([cls[:, None, :], patches.reshape(b, t * n, d)], axis=1)
     x = layers.constrain(x, ("batch", "length", "embed"))
     h = ln("layernorm_after")(x)
-    h = _Intermediate(cfg.mlp_dim, self.dtype, cfg.dropout, name="intermediate")(h, deterministic)
-    h = _Output(d, ("mlp", "embed"), -1, self.dtype, cfg.dropout, name="output")(h, deterministic)
+    h = layers.Intermediate(cfg.mlp_dim, self.dtype, cfg.dropout, _INIT,
+                            name="intermediate")(h, deterministic)
+    h = layers.OutputDense(d, ("mlp", "embed"), -1, self.dtype, cfg.dropout, _INIT,
+                           name="output")(h, deterministic)
     x = x + h
     cls, patches = x[:, 0], x[:, 1:].reshape(b, t, n, d)
     return cls, layers.constrain(patches, ("batch", "frames", "length", "embed"))
-
-
-class _Intermediate(nn.Module):
-  """HF `*.intermediate`: `dense` (embed -> mlp) + exact GELU (+ dropout)."""
-  features: int
-  dtype: Any
-  dropout: float = 0.0
-  kernel_init: Any = _INIT
-
-  @nn.compact
-  def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
-    y = layers.dense(self.features, ("embed", "mlp"), dtype=self.dtype,
-                     kernel_init=self.kernel_init, name="dense")(x)
-    y = layers.constrain(nn.gelu(y, approximate=False), ("batch", "length", "mlp"))
-    if self.dropout:
-      y = nn.Dropout(self.dropout)(y, deterministic)
-    return y
 
 
 class TimesformerEncoder(nn.Module):

@@ -35,11 +35,11 @@ class NonFiniteLossError(FloatingPointError):
 class Run:
   """Everything a run builds from its config once: mesh, data, task, optimizer, state."""
 
-  def __init__(self, config, workdir: str):
+  def __init__(self, config, workdir: str, devices=None):
     self.config = config
     self.workdir = os.path.abspath(workdir)
     os.makedirs(self.workdir, exist_ok=True)
-    self.mesh = mesh_lib.make_mesh(config.mesh)
+    self.mesh = mesh_lib.make_mesh(config.mesh, devices)
     self.rules = shd.rules_from_config(config.sharding_rules)
     self.data_dir = None
     if config.data.source != "random":

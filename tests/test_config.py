@@ -1,0 +1,76 @@
+"""Config presets, inline overrides and their error messages; mesh shape resolution."""
+import subprocess
+import sys
+
+import pytest
+
+from configs import alpro_pretrain
+from vlp_jax import config as config_lib
+from vlp_jax.parallel import mesh as mesh_lib
+
+
+def test_presets_differ_and_record_their_name():
+  tiny, demo, base = (alpro_pretrain.get_config(p) for p in ("tiny", "demo", "base"))
+  assert (tiny.preset, demo.preset, base.preset) == ("tiny", "demo", "base")
+  assert base.model.video.hidden == 768 and base.model.text.layers == 12
+  assert base.model.text.fusion_layer == 6 and base.model.video.patch_size == 16
+  assert tiny.model.video.hidden < demo.model.video.hidden < base.model.video.hidden
+  assert tiny.data.synthetic.generate and demo.data.synthetic.generate
+
+
+def test_inline_overrides_keep_types():
+  c = alpro_pretrain.get_config("tiny,optim.lr=3e-4,num_steps=7,data.flip=true,"
+                                "model.video.temporal=none")
+  assert c.optim.lr == pytest.approx(3e-4) and isinstance(c.optim.lr, float)
+  assert c.num_steps == 7 and c.data.flip is True and c.model.video.temporal == "none"
+  c = alpro_pretrain.get_config("tiny,optim.lr=1")  # an int literal for a float field
+  assert isinstance(c.optim.lr, float) and c.optim.lr == 1.0
+
+
+@pytest.mark.parametrize("arg,needle", [
+    ("huge", "unknown preset 'huge'"),
+    ("tiny,optim.lrr=1", "unknown config key 'optim.lrr'"),
+    ("tiny,nothere.lr=1", "unknown config key 'nothere'"),
+    ("tiny,num_steps=abc", "config key 'num_steps' expects int"),
+    ("tiny,num_steps=1.5", "config key 'num_steps' expects int"),
+    ("tiny,data.flip=maybe", "config key 'data.flip' expects a bool"),
+    ("tiny,lonely", "is not of the form key=value"),
+])
+def test_bad_config_args_name_the_problem(arg, needle):
+  with pytest.raises(config_lib.ConfigError, match=needle.replace("(", r"\(")):
+    alpro_pretrain.get_config(arg)
+
+
+def _train_cli(tmp_path, *args):
+  return subprocess.run([sys.executable, "-m", "launch.train", f"--workdir={tmp_path}", *args],
+                        capture_output=True, text=True, timeout=120,
+                        cwd=config_lib.__file__.rsplit("/vlp_jax/", 1)[0])
+
+
+def test_cli_rejects_unknown_preset_and_key(tmp_path):
+  r = _train_cli(tmp_path, "--config=configs/alpro_pretrain.py:nope")
+  assert r.returncode != 0 and "unknown preset 'nope'" in r.stderr
+  r = _train_cli(tmp_path, "--config=configs/alpro_pretrain.py:tiny", "--config.optim.nope=1")
+  assert r.returncode != 0 and "nope" in r.stderr
+  r = _train_cli(tmp_path, "--config=configs/alpro_pretrain.py:tiny", "--config.num_steps=abc")
+  assert r.returncode != 0 and "num_steps" in r.stderr
+
+
+@pytest.mark.parametrize("cfg,n,expected", [
+    ({"data": -1, "fsdp": 1, "tensor": 1}, 8, (8, 1, 1)),
+    ({"data": 2, "fsdp": 2, "tensor": 2}, 8, (2, 2, 2)),
+    ({"data": 2, "fsdp": -1, "tensor": 1}, 8, (2, 4, 1)),
+])
+def test_mesh_shape(cfg, n, expected):
+  assert mesh_lib.mesh_shape(cfg, n) == expected
+
+
+@pytest.mark.parametrize("cfg,needle", [
+    ({"data": -1, "fsdp": -1, "tensor": 1}, "only one axis"),
+    ({"data": 3, "fsdp": -1, "tensor": 1}, "not divisible"),
+    ({"data": 2, "fsdp": 2, "tensor": 1}, "needs 4 devices"),
+    ({"data": 0, "fsdp": 1, "tensor": 1}, "mesh.data"),
+])
+def test_mesh_shape_errors(cfg, needle):
+  with pytest.raises(ValueError, match=needle):
+    mesh_lib.mesh_shape(cfg, 8)

@@ -1,0 +1,66 @@
+"""2 processes x 2 CPU devices (jax.distributed over localhost) == 1 process x 4 devices."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 3
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _cmd(workdir, *extra):
+  return [sys.executable, "-m", "launch.train", "--config=configs/alpro_pretrain.py:tiny",
+          "--config.data.source=random", "--config.model.text.vocab_size=64",
+          f"--config.num_steps={STEPS}", "--config.log_every=1", "--config.ckpt_every=100",
+          f"--workdir={workdir}", *extra]
+
+
+def _env(devices):
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["JAX_PLATFORMS"] = "cpu"
+  env["JAX_CPU_COLLECTIVES_IMPLEMENTATION"] = "gloo"
+  return env
+
+
+def _losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(l) for l in f]
+  return {r["step"]: r for r in rows if r["split"] == "train"}
+
+
+def test_two_processes_match_one(tmp_path):
+  ref_dir, mh_dir = tmp_path / "one", tmp_path / "two"
+  ref = subprocess.run(_cmd(ref_dir), env=_env(4), cwd=ROOT, capture_output=True, text=True,
+                       timeout=600)
+  assert ref.returncode == 0, ref.stderr[-3000:]
+  port = _free_port()
+  procs = [subprocess.Popen(_cmd(mh_dir, f"--coordinator=127.0.0.1:{port}", "--num_processes=2",
+                                 f"--process_id={i}"),
+                            env=_env(2), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outs = []
+  try:
+    for p in procs:
+      outs.append(p.communicate(timeout=600))
+  finally:
+    for p in procs:
+      p.kill()
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  assert "process 0/2, 2 local / 4 global devices" in outs[0][1]
+  assert "process 1/2, 2 local / 4 global devices" in outs[1][1]
+  one, two = _losses(ref_dir), _losses(mh_dir)
+  assert sorted(one) == sorted(two) == list(range(1, STEPS + 1))
+  for s in one:
+    for k in ("loss", "loss/vtc", "loss/vtm", "loss/mlm"):
+      assert two[s][k] == pytest.approx(one[s][k], rel=1e-5, abs=1e-6), (s, k)
