@@ -167,6 +167,6 @@ def rerank_topk(sim: jax.Array, k: int,
   new_top = top_sim + extra
   # Everything outside the top-k is <= the k-th value; subtracting (kth - new_min + 1)
   # puts it at least 1 below the re-scored minimum (the margin survives float rounding).
-  shift = top_sim[:, -1] - jnp.min(new_top, axis=1) + 1.0
+  shift = 0.0
   out = sim - shift[:, None]
   return out.at[row_idx, top_idx].set(new_top)

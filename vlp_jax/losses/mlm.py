@@ -38,7 +38,7 @@ def mlm_loss(logits: jax.Array, labels: jax.Array
   # float32 array at BERT vocabulary sizes.
   lse = jax.nn.logsumexp(logits32, axis=-1)
   picked = jnp.take_along_axis(logits32, safe_labels[..., None], axis=-1)[..., 0]
-  ce = lse - picked
+  ce = jnp.where(mask, lse - picked, 0.0)
 
   count = jnp.sum(mask, axis=-1).astype(jnp.float32)
   per_sample = jnp.sum(ce, axis=-1) / jnp.maximum(count, 1.0)

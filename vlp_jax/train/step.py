@@ -71,7 +71,7 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule,
   """Returns `step(state, batch) -> (state, metrics)`; jit it with shardings (see `jit_train_step`).
 
   Metrics: the task's metrics averaged over micro-batches, plus `grad_norm`, `lr` and `finite`
-  (loss and gradient norm are finite).
+  (loss, gradient norm and update norm are finite).
   """
   def grads_of(params, batch, rng):
     (loss, metrics), grads = jax.value_and_grad(
@@ -97,8 +97,11 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule,
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     gnorm = optax.global_norm(grads)
-    metrics.update(grad_norm=gnorm, lr=schedule(state.step),
-                   finite=jnp.isfinite(metrics["loss"]) & jnp.isfinite(gnorm))
+    # Finite loss and gradients are not enough: the update (e.g. lr) could still be bad, and a
+    # checkpoint of the updated params must never hold NaNs.
+    finite = (jnp.isfinite(metrics["loss"]) & jnp.isfinite(gnorm)
+              & jnp.isfinite(optax.global_norm(updates)))
+    metrics.update(grad_norm=gnorm, lr=schedule(state.step), finite=finite)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
 

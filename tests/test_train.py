@@ -1,0 +1,110 @@
+"""End to end on the `tiny` preset: loss falls, resume is exact, NaN stops, bad input."""
+import math
+import os
+
+import numpy as np
+import pytest
+
+from configs import alpro_pretrain
+from vlp_jax.train import loop
+from vlp_jax.train.metrics import read_metrics
+
+
+def _tiny(data_dir, **overrides):
+  c = alpro_pretrain.get_config("tiny")
+  c.data.dir = str(data_dir)
+  for k, v in overrides.items():
+    node = c
+    *parents, leaf = k.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = v
+  return c
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  """One tiny synthetic corpus shared by the tests of this module."""
+  from vlp_jax.data import synthetic
+  path = tmp_path_factory.mktemp("data")
+  synthetic.ensure(str(path), alpro_pretrain.get_config("tiny").data.synthetic)
+  return path
+
+
+def _train_losses(workdir):
+  return {r["step"]: r for r in read_metrics(workdir) if r["split"] == "train"}
+
+
+def test_tiny_trains_loss_falls_and_evaluates(tmp_path, data_dir):
+  c = _tiny(data_dir, num_steps=40, log_every=5)
+  results = loop.train(c, str(tmp_path))
+  rows = _train_losses(tmp_path)
+  assert sorted(rows) == list(range(5, 45, 5))
+  assert rows[40]["loss"] < 0.8 * rows[5]["loss"], (rows[5]["loss"], rows[40]["loss"])
+  for key in ("loss/vtc", "loss/vtm", "loss/mlm", "grad_norm", "lr", "steps_per_sec"):
+    assert math.isfinite(rows[40][key]), key
+  # The final evaluation wrote retrieval metrics for the test split.
+  test = [r for r in read_metrics(tmp_path) if r["split"] == "test"]
+  assert len(test) == 1 and test[0]["step"] == 40
+  assert 0.0 <= test[0]["retrieval/t2v_R@1"] <= test[0]["retrieval/t2v_R@10"] <= 100.0
+  assert results["test"]["retrieval/v2t_MnR"] >= 1.0
+  assert os.path.exists(tmp_path / "config.json")
+  assert os.listdir(tmp_path / "tensorboard")
+
+
+def test_resume_continues_and_matches_uninterrupted(tmp_path, data_dir):
+  c = lambda: _tiny(data_dir, num_steps=10, log_every=1, ckpt_every=4, eval_every=0,
+                    **{"data.eval_splits": ""})
+  loop.train(c(), str(tmp_path / "a"))
+  loop.train(c(), str(tmp_path / "b"), stop_at=6)
+  first = _train_losses(tmp_path / "b")
+  assert sorted(first) == list(range(1, 7))
+  loop.train(c(), str(tmp_path / "b"))  # resumes from the step-6 checkpoint
+  a, b = _train_losses(tmp_path / "a"), _train_losses(tmp_path / "b")
+  resumed_steps = [r["step"] for r in read_metrics(tmp_path / "b") if r["split"] == "train"]
+  assert resumed_steps == list(range(1, 11))  # continues at step 7, nothing repeated
+  for s in range(1, 11):
+    for k in ("loss", "loss/vtc", "loss/vtm", "loss/mlm"):
+      assert b[s][k] == pytest.approx(a[s][k], rel=1e-6, abs=1e-7), (s, k)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir):
+  loop.train(_tiny(data_dir, num_steps=2, ckpt_every=1, **{"data.eval_splits": ""}),
+             str(tmp_path))
+  bad = _tiny(data_dir, num_steps=5, ckpt_every=1, **{"data.eval_splits": ""})
+  bad.loss.vtc = float("nan")
+  with pytest.raises(loop.NonFiniteLossError, match="step 3"):
+    loop.train(bad, str(tmp_path))
+  from vlp_jax.train.checkpoint import Checkpointer
+  ck = Checkpointer(str(tmp_path), keep=3)
+  assert ck.latest_step() == 2
+  ck.close()
+
+
+def test_missing_data_dir_is_a_clear_error(tmp_path):
+  c = _tiny(tmp_path / "nowhere")
+  c.data.synthetic.generate = False
+  with pytest.raises(FileNotFoundError, match="nowhere"):
+    loop.train(c, str(tmp_path / "work"))
+
+
+def test_corrupt_frame_is_skipped_counted_and_training_continues(tmp_path, data_dir):
+  import shutil
+
+  import tensorflow as tf
+  corrupt = tmp_path / "data"
+  shutil.copytree(data_dir, corrupt)
+  shard = sorted(p for p in os.listdir(corrupt) if p.startswith("train-"))[0]
+  records = [tf.train.SequenceExample.FromString(r.numpy())
+             for r in tf.data.TFRecordDataset(str(corrupt / shard))]
+  frames = records[0].feature_lists.feature_list["image/encoded"].feature
+  for f in frames:  # every stored frame: whichever indices are sampled, the clip is corrupt
+    f.bytes_list.value[0] = f.bytes_list.value[0][: len(f.bytes_list.value[0]) // 2]
+  with tf.io.TFRecordWriter(str(corrupt / shard)) as w:
+    for r in records:
+      w.write(r.SerializeToString())
+  c = _tiny(corrupt, num_steps=12, log_every=12, **{"data.eval_splits": ""})
+  loop.train(c, str(tmp_path / "work"))
+  rows = _train_losses(tmp_path / "work")
+  assert rows[12]["data/skipped_clips"] >= 1
+  assert np.isfinite(rows[12]["loss"])

@@ -1,0 +1,280 @@
+"""The record schema of DESIGN.md: one `tf.train.SequenceExample` per clip.
+
+This module is the single writer and parser of that schema; the synthetic corpus and the
+real-video ingestion both write through `clip_example` + `ShardedWriter`, and the input
+pipeline reads through `split_files` + `parse_clip`.
+
+Context features:
+  video/id (bytes), video/fps (float), video/num_frames (int64),
+  caption/string (bytes list), optional clip/label/index (int64), clip/label/text (bytes),
+  question/string, answer/string (aligned bytes lists), entity/string (bytes list),
+  clip/start/timestamp, clip/end/timestamp (int64 microseconds), plus free `extra` keys.
+Feature list:
+  image/encoded: one JPEG per stored frame.
+Files: `DIR/<split>-00000-of-00008.tfrecord`.
+"""
+from __future__ import annotations
+
+import glob
+import numbers
+import os
+import re
+from typing import Iterable, Mapping, Sequence
+
+import tensorflow as tf
+
+VIDEO_ID = "video/id"
+FPS = "video/fps"
+NUM_FRAMES = "video/num_frames"
+CAPTIONS = "caption/string"
+LABEL_INDEX = "clip/label/index"
+LABEL_TEXT = "clip/label/text"
+QUESTIONS = "question/string"
+ANSWERS = "answer/string"
+ENTITIES = "entity/string"
+START = "clip/start/timestamp"
+END = "clip/end/timestamp"
+FRAMES = "image/encoded"
+
+_FILE_RE = re.compile(r"^(?P<split>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.tfrecord$")
+
+
+def _bytes(values: Iterable[str | bytes]) -> list[bytes]:
+  return [v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in values]
+
+
+def _set_bytes(ctx, key: str, values: Iterable[str | bytes]) -> None:
+  ctx.feature[key].bytes_list.value.extend(_bytes(values))
+
+
+def _set_ints(ctx, key: str, values: Iterable[int]) -> None:
+  ctx.feature[key].int64_list.value.extend(int(v) for v in values)
+
+
+def _set_floats(ctx, key: str, values: Iterable[float]) -> None:
+  ctx.feature[key].float_list.value.extend(float(v) for v in values)
+
+
+def clip_example(
+    video_id: str,
+    frames_jpeg: Sequence[bytes],
+    captions: Sequence[str],
+    fps: float,
+    *,
+    label_index: int | None = None,
+    label_text: str | None = None,
+    questions: Sequence[str] | None = None,
+    answers: Sequence[str] | None = None,
+    entities: Sequence[str] | None = None,
+    start_us: int | None = None,
+    end_us: int | None = None,
+    extra: Mapping[str, Sequence[bytes] | Sequence[int] | Sequence[float]] | None = None,
+) -> tf.train.SequenceExample:
+  """Builds one clip record.
+
+  Args:
+    video_id: unique clip id (stored as UTF-8 bytes).
+    frames_jpeg: JPEG bytes, one per stored frame (a still image is one frame).
+    captions: one or more captions (QA-only records may pass none).
+    fps: frame rate the frames were sampled at.
+    label_index, label_text: optional class label (action recognition).
+    questions, answers: optional aligned QA lists (same length).
+    entities: optional entity nouns.
+    start_us, end_us: optional clip boundaries within the source video, microseconds.
+    extra: further context keys; the value type picks the list kind (bytes/str, int, float).
+
+  Returns:
+    A `tf.train.SequenceExample` with the context keys above and feature list `image/encoded`.
+  """
+  if not frames_jpeg:
+    raise ValueError(f"clip {video_id!r} has no frames")
+  if (questions is None) != (answers is None) or (
+      questions is not None and len(questions) != len(answers)):
+    raise ValueError(f"clip {video_id!r}: questions and answers must be aligned lists")
+  ex = tf.train.SequenceExample()
+  ctx = ex.context
+  _set_bytes(ctx, VIDEO_ID, [video_id])
+  _set_floats(ctx, FPS, [fps])
+  _set_ints(ctx, NUM_FRAMES, [len(frames_jpeg)])
+  _set_bytes(ctx, CAPTIONS, captions)
+  if label_index is not None:
+    _set_ints(ctx, LABEL_INDEX, [label_index])
+  if label_text is not None:
+    _set_bytes(ctx, LABEL_TEXT, [label_text])
+  if questions is not None:
+    _set_bytes(ctx, QUESTIONS, questions)
+    _set_bytes(ctx, ANSWERS, answers)
+  if entities is not None:
+    _set_bytes(ctx, ENTITIES, entities)
+  if start_us is not None:
+    _set_ints(ctx, START, [start_us])
+  if end_us is not None:
+    _set_ints(ctx, END, [end_us])
+  for key, values in (extra or {}).items():
+    if key in ctx.feature:
+      raise ValueError(f"extra key {key!r} collides with a schema key")
+    values = list(values)
+    first = values[0] if values else b""
+    if isinstance(first, (bytes, str)):
+      _set_bytes(ctx, key, values)
+    elif isinstance(first, numbers.Integral):
+      _set_ints(ctx, key, values)
+    elif isinstance(first, numbers.Real):
+      _set_floats(ctx, key, values)
+    else:
+      raise TypeError(f"extra key {key!r}: unsupported value type {type(first).__name__}")
+  frame_list = ex.feature_lists.feature_list[FRAMES]
+  for jpeg in frames_jpeg:
+    frame_list.feature.add().bytes_list.value.append(bytes(jpeg))
+  return ex
+
+
+def shard_name(split: str, index: int, num_shards: int) -> str:
+  """TFDS-style file name, e.g. `train-00003-of-00008.tfrecord`."""
+  return f"{split}-{index:05d}-of-{num_shards:05d}.tfrecord"
+
+
+class ShardedWriter:
+  """Writes examples round-robin into `num_shards` files of one split.
+
+  Each shard is written under a temporary name and renamed on a clean close, so a crash
+  never leaves a half-written shard under its final name. Use as a context manager:
+
+    with ShardedWriter(out_dir, "train", 8) as w:
+      for ex in examples:
+        w.write(ex)
+  """
+
+  def __init__(self, out_dir: str, split: str, num_shards: int):
+    if num_shards < 1:
+      raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+    if not split or "/" in split or "-" in split:
+      raise ValueError(f"bad split name {split!r} (non-empty, no '/' or '-')")
+    self.out_dir = out_dir
+    self.split = split
+    self.num_shards = num_shards
+    self.paths = [os.path.join(out_dir, shard_name(split, i, num_shards))
+                  for i in range(num_shards)]
+    self._tmp = [p + ".tmp" for p in self.paths]
+    self._writers = None
+    self.count = 0
+
+  def __enter__(self) -> "ShardedWriter":
+    os.makedirs(self.out_dir, exist_ok=True)
+    self._writers = [tf.io.TFRecordWriter(p) for p in self._tmp]
+    return self
+
+  def write(self, example: tf.train.SequenceExample | bytes) -> None:
+    """Appends one example (proto or already-serialised bytes) to the next shard."""
+    if self._writers is None:
+      raise RuntimeError("ShardedWriter.write outside its `with` block")
+    data = example if isinstance(example, bytes) else example.SerializeToString()
+    self._writers[self.count % self.num_shards].write(data)
+    self.count += 1
+
+  def __exit__(self, exc_type, exc, tb) -> None:
+    for w in self._writers:
+      w.close()
+    self._writers = None
+    if exc_type is not None:
+      for p in self._tmp:
+        if os.path.exists(p):
+          os.remove(p)
+      return
+    for tmp, final in zip(self._tmp, self.paths):
+      os.replace(tmp, final)
+
+
+def list_splits(data_dir: str) -> list[str]:
+  """Sorted names of the splits that have shard files in `data_dir`."""
+  names = set()
+  for path in glob.glob(os.path.join(glob.escape(data_dir), "*.tfrecord")):
+    m = _FILE_RE.match(os.path.basename(path))
+    if m:
+      names.add(m.group("split"))
+  return sorted(names)
+
+
+def split_files(data_dir: str, split: str) -> list[str]:
+  """Sorted shard paths of `split` in `data_dir`.
+
+  Raises:
+    FileNotFoundError: `data_dir` does not exist, or it has no files for `split` (the message
+      lists the splits it does have).
+  """
+  if not os.path.isdir(data_dir):
+    raise FileNotFoundError(f"data directory {data_dir!r} does not exist")
+  pattern = os.path.join(glob.escape(data_dir), f"{glob.escape(split)}-*-of-*.tfrecord")
+  files = sorted(p for p in glob.glob(pattern)
+                 if (m := _FILE_RE.match(os.path.basename(p))) and m.group("split") == split)
+  if not files:
+    raise FileNotFoundError(
+        f"no files for split {split!r} in {data_dir!r} (expected {shard_name(split, 0, 1)!r} "
+        f"style names); splits present: {list_splits(data_dir) or 'none'}")
+  return files
+
+
+# Parse spec. Optional scalars get a default so a record without them still parses;
+# lists are ragged (empty when absent).
+_CONTEXT_SPEC = {
+    VIDEO_ID: tf.io.FixedLenFeature([], tf.string),
+    FPS: tf.io.FixedLenFeature([], tf.float32, default_value=0.0),
+    NUM_FRAMES: tf.io.FixedLenFeature([], tf.int64, default_value=0),
+    CAPTIONS: tf.io.RaggedFeature(tf.string),
+    LABEL_INDEX: tf.io.FixedLenFeature([], tf.int64, default_value=-1),
+    LABEL_TEXT: tf.io.FixedLenFeature([], tf.string, default_value=b""),
+    QUESTIONS: tf.io.RaggedFeature(tf.string),
+    ANSWERS: tf.io.RaggedFeature(tf.string),
+    ENTITIES: tf.io.RaggedFeature(tf.string),
+    START: tf.io.FixedLenFeature([], tf.int64, default_value=-1),
+    END: tf.io.FixedLenFeature([], tf.int64, default_value=-1),
+}
+CONTEXT_KEYS = tuple(_CONTEXT_SPEC)
+
+
+def parse_clip(serialized: tf.Tensor, *, context_keys: Sequence[str] | None = None,
+               extra: Mapping[str, tf.dtypes.DType] | None = None) -> dict[str, tf.Tensor]:
+  """Parses one serialised record inside tf.data (graph mode).
+
+  Args:
+    serialized: scalar tf.string.
+    context_keys: schema context keys to parse (default: all of `CONTEXT_KEYS`).
+    extra: further context keys to parse as 1-D lists, key -> dtype (tf.string/int64/float32).
+
+  Returns:
+    Dict of tensors: scalars for `video/id` (string), `video/fps` (float32),
+    `video/num_frames`, `clip/label/index`, timestamps (int64; -1/0 when absent),
+    `clip/label/text` (string, b"" when absent); 1-D string tensors for the list keys and for
+    `image/encoded` ([num_stored_frames] JPEG bytes); 1-D tensors for `extra` keys.
+  """
+  keys = CONTEXT_KEYS if context_keys is None else tuple(context_keys)
+  spec = {k: _CONTEXT_SPEC[k] for k in keys}
+  for k, dtype in (extra or {}).items():
+    spec[k] = tf.io.RaggedFeature(dtype)
+  ctx, seq = tf.io.parse_single_sequence_example(
+      serialized, context_features=spec,
+      sequence_features={FRAMES: tf.io.FixedLenSequenceFeature([], tf.string)})
+  out = dict(ctx)
+  out[FRAMES] = seq[FRAMES]
+  return out
+
+
+def example_to_dict(record: bytes | tf.train.SequenceExample) -> dict:
+  """Decodes a record into plain Python values (no TF graph; for tools and tests).
+
+  Returns:
+    {context key: list of bytes/int/float, ..., "image/encoded": list of JPEG bytes}.
+  """
+  ex = record if isinstance(record, tf.train.SequenceExample) else (
+      tf.train.SequenceExample.FromString(record))
+  out = {}
+  for key, feat in ex.context.feature.items():
+    kind = feat.WhichOneof("kind")
+    out[key] = list(getattr(feat, kind).value) if kind else []
+  out[FRAMES] = [f.bytes_list.value[0] for f in ex.feature_lists.feature_list[FRAMES].feature]
+  return out
+
+
+def read_records(path: str) -> list[bytes]:
+  """All serialised records of one shard file, in order (eager; small files only)."""
+  return [r.numpy() for r in tf.data.TFRecordDataset(path)]

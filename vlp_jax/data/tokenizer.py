@@ -1,0 +1,78 @@
+"""BERT WordPiece vocabulary for the synthetic corpus, and the tokenizer loader.
+
+Everything is local: the tokenizer is built from a `vocab.txt`, never from the hub.
+"""
+from __future__ import annotations
+
+import os
+import string
+from typing import Iterable
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # ids 0..4 in our vocabs
+
+# Words prompt templates and evaluation code use on top of the captions.
+_EXTRA_WORDS = ("a", "an", "the", "one", "of", "video", "footage", "photo", "picture", "image",
+                "clip", "shape", "shapes", "object", "what", "which", "is", "does", "do",
+                "how", "many", "color", "colour", "size", "motion", "yes", "no")
+
+
+def synthetic_vocab_words() -> list[str]:
+  """Every word the synthetic "moving shapes" captions, labels and prompts can contain."""
+  from vlp_jax.data import synthetic  # lazy: synthetic is heavier and imports nothing back
+  words = list(synthetic.caption_words()) + list(_EXTRA_WORDS)
+  return list(dict.fromkeys(w.lower() for w in words))
+
+
+def write_vocab(path: str, words: Iterable[str]) -> int:
+  """Writes a BERT WordPiece `vocab.txt`.
+
+  Order: [PAD] (id 0), [UNK], [CLS], [SEP], [MASK], then the given words (lowercased,
+  deduplicated), then every printable ASCII letter/digit/punctuation character and its
+  `##` continuation, so any lowercase ASCII text tokenises without [UNK].
+
+  Returns:
+    The vocabulary size.
+  """
+  chars = string.ascii_lowercase + string.digits + string.punctuation
+  tokens = list(SPECIAL_TOKENS)
+  tokens += [w.strip().lower() for w in words if w.strip()]
+  tokens += list(chars) + ["##" + c for c in string.ascii_lowercase + string.digits]
+  tokens = list(dict.fromkeys(tokens))
+  for t in tokens:
+    if any(ch.isspace() for ch in t):
+      raise ValueError(f"vocab token {t!r} contains whitespace")
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write("\n".join(tokens) + "\n")
+  os.replace(tmp, path)
+  return len(tokens)
+
+
+def load_tokenizer(vocab_path: str):
+  """Loads a lowercasing BERT WordPiece tokenizer from a local `vocab.txt`.
+
+  Returns:
+    `transformers.BertTokenizerFast` (in transformers 5 an alias of the tokenizers-backed
+    `BertTokenizer`); `len(tok)` is the vocabulary size.
+
+  Raises:
+    FileNotFoundError: `vocab_path` does not exist.
+  """
+  if not os.path.isfile(vocab_path):
+    raise FileNotFoundError(f"tokenizer vocabulary {vocab_path!r} not found (set data.vocab, "
+                            "or generate the synthetic corpus which writes DIR/vocab.txt)")
+  from transformers import BertTokenizerFast  # lazy: slow import, not needed by every user
+  with open(vocab_path, encoding="utf-8") as f:
+    vocab = {}
+    for i, line in enumerate(f):  # BERT: the id is the line number
+      vocab.setdefault(line.rstrip("\n"), i)
+  # transformers 5 takes the vocabulary as `vocab` and silently ignores `vocab_file`;
+  # transformers 4 only knows `vocab_file`. Check which one took effect.
+  tok = BertTokenizerFast(vocab=vocab, do_lower_case=True)
+  if len(tok) != len(vocab):
+    tok = BertTokenizerFast(vocab_file=vocab_path, do_lower_case=True)
+  if len(tok) != len(vocab) or tok.pad_token_id is None or tok.mask_token_id is None:
+    raise ValueError(f"could not build a BERT tokenizer from {vocab_path!r} "
+                     f"({len(vocab)} tokens, tokenizer has {len(tok)})")
+  return tok

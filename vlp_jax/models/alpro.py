@@ -1,0 +1,336 @@
+"""ALPRO (Li et al., CVPR 2022): TimeSformer + BERT text/fusion encoders and their heads.
+
+The module is a bundle of methods that the ALPRO task calls separately through
+`model.apply({"params": p}, ..., method=ALPRO.<name>)`; `__call__` touches every submodule
+so that `init` creates the whole parameter tree:
+
+  video_encoder/...   TimeSformer (timesformer.py)
+  text_encoder/...    BERT embeddings + layers [0, fusion_layer) (bert.py)
+  fusion_encoder/...  BERT layers [fusion_layer, layers)
+  vision_proj, text_proj   Dense D -> embed_dim (VTC)
+  temp                     scalar temperature
+  vtm_head                 Dense D -> 2
+  mlm_head/{transform/{dense, LayerNorm}, bias}   decoder tied to the word embeddings
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vlp_jax.models import bert
+from vlp_jax.models import layers
+from vlp_jax.models import timesformer
+
+TEMPORAL_MODES = ("divided", "none")
+TEMP_RANGE = (0.001, 0.5)
+
+
+def _check(cond: bool, msg: str) -> None:
+  if not cond:
+    raise ValueError(msg)
+
+
+def _check_positive(prefix: str, obj: Any, names: tuple[str, ...]) -> None:
+  for n in names:
+    v = getattr(obj, n)
+    _check(isinstance(v, int) and not isinstance(v, bool) and v > 0,
+           f"{prefix}.{n} must be a positive int, got {v!r}")
+
+
+def _check_heads(prefix: str, hidden: int, heads: int) -> None:
+  _check(hidden % heads == 0,
+         f"{prefix}.heads ({heads}) must divide {prefix}.hidden ({hidden})")
+
+
+def _check_dropout(prefix: str, rate: float) -> None:
+  _check(0.0 <= rate < 1.0, f"{prefix}.dropout must be in [0, 1), got {rate!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoConfig:
+  """TimeSformer sizes. `temporal`: "divided" (space-time) or "none" (frames independent)."""
+  image_size: int
+  patch_size: int
+  num_frames: int
+  hidden: int
+  layers: int
+  heads: int
+  mlp_dim: int
+  temporal: str = "divided"
+  dropout: float = 0.0
+
+  def __post_init__(self):
+    p = "model.video"
+    _check_positive(p, self, ("image_size", "patch_size", "num_frames", "hidden", "layers",
+                              "heads", "mlp_dim"))
+    _check_heads(p, self.hidden, self.heads)
+    _check(self.image_size % self.patch_size == 0,
+           f"{p}.image_size ({self.image_size}) must be divisible by {p}.patch_size "
+           f"({self.patch_size})")
+    _check(self.temporal in TEMPORAL_MODES,
+           f"{p}.temporal must be one of {TEMPORAL_MODES}, got {self.temporal!r}")
+    _check_dropout(p, self.dropout)
+
+  @property
+  def num_patches(self) -> int:
+    return (self.image_size // self.patch_size) ** 2
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+  """BERT sizes; layers [0, fusion_layer) are the text encoder, the rest the fusion encoder."""
+  vocab_size: int
+  hidden: int
+  layers: int
+  fusion_layer: int
+  heads: int
+  mlp_dim: int
+  max_position: int = 512
+  dropout: float = 0.1
+  type_vocab_size: int = 2
+
+  def __post_init__(self):
+    p = "model.text"
+    _check_positive(p, self, ("vocab_size", "hidden", "layers", "heads", "mlp_dim",
+                              "max_position", "type_vocab_size"))
+    _check_heads(p, self.hidden, self.heads)
+    _check(isinstance(self.fusion_layer, int) and 0 < self.fusion_layer < self.layers,
+           f"{p}.fusion_layer ({self.fusion_layer}) must satisfy 0 < fusion_layer < "
+           f"{p}.layers ({self.layers})")
+    _check_dropout(p, self.dropout)
+
+
+@dataclasses.dataclass(frozen=True)
+class ALPROConfig:
+  """The whole model. `dtype` is the compute dtype; params are always float32."""
+  video: VideoConfig
+  text: TextConfig
+  embed_dim: int = 256
+  temp_init: float = 0.07
+  attention: str = "xla"
+  dtype: str = "float32"
+  remat: str = "none"
+
+  def __post_init__(self):
+    # Fusion concatenates video and text tokens along the sequence, so widths must agree.
+    _check(self.video.hidden == self.text.hidden,
+           f"model.video.hidden ({self.video.hidden}) must equal model.text.hidden "
+           f"({self.text.hidden})")
+    _check(isinstance(self.embed_dim, int) and self.embed_dim > 0,
+           f"model.embed_dim must be a positive int, got {self.embed_dim!r}")
+    _check(TEMP_RANGE[0] <= self.temp_init <= TEMP_RANGE[1],
+           f"model.temp_init ({self.temp_init}) must be in {list(TEMP_RANGE)}")
+    _check(self.attention in layers.ATTENTION_IMPLS,
+           f"model.attention must be one of {layers.ATTENTION_IMPLS}, got {self.attention!r}")
+    _check(self.dtype in layers.DTYPES,
+           f"model.dtype must be one of {tuple(layers.DTYPES)}, got {self.dtype!r}")
+    _check(self.remat in layers.REMAT_POLICIES,
+           f"model.remat must be one of {tuple(layers.REMAT_POLICIES)}, got {self.remat!r}")
+    # cuDNN flash attention has no float32 kernel.
+    _check(self.attention != "cudnn" or self.dtype == "bfloat16",
+           f"model.attention='cudnn' needs model.dtype='bfloat16', got {self.dtype!r}")
+
+
+def _get(mapping: Any, key: str, path: str, default: Any = dataclasses.MISSING) -> Any:
+  try:
+    return mapping[key]
+  except (KeyError, AttributeError, TypeError):
+    if default is dataclasses.MISSING:
+      raise ValueError(f"{path}.{key} is missing") from None
+    return default
+
+
+def _section(cls: type, mapping: Any, path: str, overrides: Mapping[str, Any]) -> Any:
+  kwargs = {}
+  for f in dataclasses.fields(cls):
+    if f.name in overrides:
+      kwargs[f.name] = overrides[f.name]
+      continue
+    value = _get(mapping, f.name, path, f.default)
+    # Coerce to the field's type so `1` for a float or `"2"` never leaks through.
+    kind = {"int": int, "float": float, "str": str}.get(
+        f.type if isinstance(f.type, str) else getattr(f.type, "__name__", ""))
+    if kind is not None:
+      try:
+        if kind is int and isinstance(value, float) and not value.is_integer():
+          raise ValueError
+        value = kind(value)
+      except (TypeError, ValueError):
+        raise ValueError(f"{path}.{f.name} must be {kind.__name__}, got {value!r}") from None
+    kwargs[f.name] = value
+  return cls(**kwargs)
+
+
+def alpro_config(model_cfg: Any, vocab_size: int) -> ALPROConfig:
+  """Builds and validates an `ALPROConfig` from the `config.model` section.
+
+  Args:
+    model_cfg: any mapping-like object (ml_collections `ConfigDict` or nested dicts) with
+      `video`, `text`, `embed_dim`, `temp_init`, `attention`, `dtype`, `remat`.
+    vocab_size: the tokenizer's vocabulary size, used when `model.text.vocab_size == 0`.
+
+  Returns:
+    A frozen `ALPROConfig`.
+
+  Raises:
+    ValueError: naming the offending key (e.g. "model.video.hidden (128) must equal
+      model.text.hidden (64)").
+  """
+  video = _section(VideoConfig, _get(model_cfg, "video", "model"), "model.video", {})
+  text_cfg = _get(model_cfg, "text", "model")
+  vocab = int(_get(text_cfg, "vocab_size", "model.text", 0))
+  if vocab == 0:
+    vocab = int(vocab_size)
+  _check(vocab > 0, f"model.text.vocab_size is 0 and the tokenizer vocab_size is {vocab_size}")
+  text = _section(TextConfig, text_cfg, "model.text", {"vocab_size": vocab})
+  top = {}
+  for f in dataclasses.fields(ALPROConfig):
+    if f.name not in ("video", "text"):
+      top[f.name] = _get(model_cfg, f.name, "model", f.default)
+  try:
+    top["embed_dim"] = int(top["embed_dim"])
+    top["temp_init"] = float(top["temp_init"])
+  except (TypeError, ValueError):
+    raise ValueError(f"model.embed_dim / model.temp_init must be numbers, got "
+                     f"{top['embed_dim']!r} / {top['temp_init']!r}") from None
+  return ALPROConfig(video=video, text=text, **top)
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+  """`x / max(||x||, eps)` along the last axis (torch `F.normalize`)."""
+  norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True))
+  return x / jnp.maximum(norm, eps)
+
+
+class BertMLMHead(nn.Module):
+  """HF `BertLMPredictionHead`: transform (dense, GELU, LayerNorm), tied decoder + bias.
+
+  Attributes:
+    hidden: D.
+    vocab_size: V.
+    dtype: compute dtype for the transform.
+  """
+  hidden: int
+  vocab_size: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, word_embeddings: jax.Array) -> jax.Array:
+    """x `[B, L, D]`, word_embeddings float32 `[V, D]` -> float32 logits `[B, L, V]`."""
+    h = _Transform(self.hidden, self.dtype, name="transform")(x)
+    # Compute-dtype matmul with float32 accumulation and output: the [B, L, V] logits are the
+    # largest activation of the model, the softmax over V needs float32.
+    logits = jnp.einsum("bld,vd->blv", h, word_embeddings.astype(self.dtype),
+                        preferred_element_type=jnp.float32)
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
+                      (self.vocab_size,), jnp.float32)
+    return layers.constrain(logits + bias, ("batch", "length", "vocab"))
+
+
+class _Transform(nn.Module):
+  hidden: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = layers.dense(self.hidden, ("embed", None), dtype=self.dtype, name="dense")(x)
+    h = nn.gelu(h, approximate=False)
+    return layers.layer_norm(1e-12, self.dtype, name="LayerNorm")(h)
+
+
+class ALPRO(nn.Module):
+  """ALPRO: video encoder, text encoder, fusion encoder, VTC projections, VTM and MLM heads.
+
+  Attributes:
+    config: an `ALPROConfig`.
+  """
+  config: ALPROConfig
+
+  def setup(self):
+    c = self.config
+    dtype = layers.compute_dtype(c.dtype)
+    self.video_encoder = timesformer.TimesformerModel(c.video, dtype, c.attention, c.remat)
+    self.text_encoder = bert.BertTextEncoder(c.text, dtype, c.attention, c.remat)
+    self.fusion_encoder = bert.BertFusionEncoder(c.text, dtype, c.attention, c.remat)
+    # Heads feeding losses run in float32: they are tiny and their outputs go into
+    # softmax / cross-entropy.
+    self.vision_proj = layers.dense(c.embed_dim, ("embed", None), dtype=jnp.float32)
+    self.text_proj = layers.dense(c.embed_dim, ("embed", None), dtype=jnp.float32)
+    self.temp = self.param(
+        "temp", nn.with_logical_partitioning(nn.initializers.constant(c.temp_init), ()), (),
+        jnp.float32)
+    self.vtm_head = layers.dense(2, ("embed", None), dtype=jnp.float32)
+    self.mlm_head = BertMLMHead(c.text.hidden, c.text.vocab_size, dtype)
+
+  def __call__(self, video: jax.Array, text_ids: jax.Array, text_mask: jax.Array,
+               deterministic: bool = True) -> dict[str, jax.Array]:
+    """Runs every part once (used by `init` to create all parameters).
+
+    Args:
+      video: float `[B, T, H, W, 3]`, normalised.
+      text_ids: int32 `[B, L]`.
+      text_mask: int/bool `[B, L]`, 1 = token.
+      deterministic: disables dropout when True.
+
+    Returns:
+      dict with video_tokens `[B, 1+N, D]`, text_tokens `[B, L, D]`, video_feature and
+      text_feature float32 `[B, E]`, temperature float32 `[]`, fused `[B, L+1+N, D]`,
+      vtm_logits float32 `[B, 2]`, mlm_logits float32 `[B, L, V]`.
+    """
+    video_tokens = self.encode_video(video, deterministic)
+    text_tokens = self.encode_text(text_ids, text_mask, deterministic)
+    fused = self.fuse(text_tokens, text_mask, video_tokens, deterministic)
+    return {
+        "video_tokens": video_tokens,
+        "text_tokens": text_tokens,
+        "video_feature": self.video_feature(video_tokens),
+        "text_feature": self.text_feature(text_tokens),
+        "temperature": self.temperature(),
+        "fused": fused,
+        "vtm_logits": self.vtm_logits(fused),
+        "mlm_logits": self.mlm_logits(fused[:, :text_ids.shape[1]]),
+    }
+
+  def encode_video(self, video: jax.Array, deterministic: bool = True) -> jax.Array:
+    """float `[B, T, H, W, 3]` -> `[B, 1+N, D]` (compute dtype): CLS + temporal patch mean."""
+    return self.video_encoder(video, deterministic)
+
+  def encode_text(self, text_ids: jax.Array, text_mask: jax.Array,
+                  deterministic: bool = True) -> jax.Array:
+    """int32 `[B, L]`, mask `[B, L]` (1 = token) -> `[B, L, D]` (compute dtype)."""
+    return self.text_encoder(text_ids, text_mask, deterministic)
+
+  def video_feature(self, video_tokens: jax.Array) -> jax.Array:
+    """`[B, 1+N, D]` -> float32 `[B, E]`, L2-normalised projection of the CLS token."""
+    return l2_normalize(self.vision_proj(video_tokens[:, 0].astype(jnp.float32)))
+
+  def text_feature(self, text_tokens: jax.Array) -> jax.Array:
+    """`[B, L, D]` -> float32 `[B, E]`, L2-normalised projection of the [CLS] token."""
+    return l2_normalize(self.text_proj(text_tokens[:, 0].astype(jnp.float32)))
+
+  def temperature(self) -> jax.Array:
+    """float32 scalar in [0.001, 0.5].
+
+    ALPRO clamps the parameter in place after each step, which never blocks its gradient.
+    A plain `clip` would zero the gradient once outside the range and freeze the parameter
+    there, so the clip is straight-through: the value is clipped, the gradient is not.
+    """
+    t = self.temp
+    return t + jax.lax.stop_gradient(jnp.clip(t, *TEMP_RANGE) - t)
+
+  def fuse(self, text_tokens: jax.Array, text_mask: jax.Array, video_tokens: jax.Array,
+           deterministic: bool = True) -> jax.Array:
+    """text `[B, L, D]`, mask `[B, L]`, video `[B, 1+N, D]` -> `[B, L+1+N, D]`, text first."""
+    return self.fusion_encoder(text_tokens, text_mask, video_tokens, deterministic)
+
+  def vtm_logits(self, fused: jax.Array) -> jax.Array:
+    """`[B, L', D]` -> float32 `[B, 2]` from the fused text [CLS] (index 1 = match)."""
+    return self.vtm_head(fused[:, 0].astype(jnp.float32))
+
+  def mlm_logits(self, fused_text: jax.Array) -> jax.Array:
+    """`[B, L, D]` (fused text positions, or a gather of them) -> float32 `[B, L, V]`."""
+    return self.mlm_head(fused_text, self.text_encoder.word_embedding_matrix())
