@@ -148,8 +148,8 @@ class ShardedWriter:
   def __init__(self, out_dir: str, split: str, num_shards: int):
     if num_shards < 1:
       raise ValueError(f"num_shards must be >= 1, got {num_shards}")
-    if not split or "/" in split or "-" in split:
-      raise ValueError(f"bad split name {split!r} (non-empty, no '/' or '-')")
+    if not split or os.sep in split:
+      raise ValueError(f"bad split name {split!r}")
     self.out_dir = out_dir
     self.split = split
     self.num_shards = num_shards

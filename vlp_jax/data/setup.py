@@ -69,7 +69,8 @@ def train_loader(config, data_dir: str | None, text: TextInfo, batch_per_process
   from vlp_jax.data.pipeline import Loader
   return Loader(d, d.train_split, batch_size=batch_per_process, training=True, seed=config.seed,
                 tokenizer=text.tokenizer, num_frames=d.num_frames, image_size=d.image_size,
-                process_index=jax.process_index(), process_count=jax.process_count())
+                process_index=jax.process_index(), process_count=jax.process_count(),
+                data_dir=data_dir)
 
 
 def eval_loader(config, data_dir: str, split: str, text: TextInfo, batch_per_process: int):
@@ -78,7 +79,8 @@ def eval_loader(config, data_dir: str, split: str, text: TextInfo, batch_per_pro
   d = config.data
   return Loader(d, split, batch_size=batch_per_process, training=False, seed=config.seed,
                 tokenizer=text.tokenizer, num_frames=d.num_frames, image_size=d.image_size,
-                process_index=jax.process_index(), process_count=jax.process_count())
+                process_index=jax.process_index(), process_count=jax.process_count(),
+                data_dir=data_dir)
 
 
 def eval_splits(config) -> list[str]:

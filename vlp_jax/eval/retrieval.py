@@ -51,8 +51,6 @@ def _finish(stats: dict, prefix: str) -> dict[str, float]:
 @jax.jit
 def _retrieval_stats(sim: jax.Array, text_to_video: jax.Array) -> dict[str, jax.Array]:
   """Device scalars from which the metrics are formed, plus validation counters."""
-  if not jnp.issubdtype(sim.dtype, jnp.floating):
-    sim = sim.astype(jnp.float32)  # so +-inf below is representable
   nt, nv = sim.shape
   in_range = (text_to_video >= 0) & (text_to_video < nv)
   gt = jnp.clip(text_to_video, 0, nv - 1)
@@ -64,10 +62,10 @@ def _retrieval_stats(sim: jax.Array, text_to_video: jax.Array) -> dict[str, jax.
 
   # v2t: the best ground-truth text of video j has the largest similarity among them,
   # so its rank (the minimum over gt texts) is 1 + #texts strictly above that maximum.
+  # Videos without text get the dtype's lowest value here and are masked out below.
   best_gt = jax.ops.segment_max(gt_sim, gt, num_segments=nv)
   n_texts = jax.ops.segment_sum(jnp.ones_like(gt), gt, num_segments=nv)
   has_text = n_texts > 0
-  best_gt = jnp.where(has_text, best_gt, jnp.inf)
   v2t_rank = 1 + jnp.sum(sim > best_gt[None, :], axis=0, dtype=jnp.int32)
 
   out = _masked_stats(t2v_rank, jnp.ones((nt,), bool), "t2v")
@@ -167,6 +165,6 @@ def rerank_topk(sim: jax.Array, k: int,
   new_top = top_sim + extra
   # Everything outside the top-k is <= the k-th value; subtracting (kth - new_min + 1)
   # puts it at least 1 below the re-scored minimum (the margin survives float rounding).
-  shift = 0.0
+  shift = top_sim[:, -1] - jnp.min(new_top, axis=1) + 1.0
   out = sim - shift[:, None]
   return out.at[row_idx, top_idx].set(new_top)

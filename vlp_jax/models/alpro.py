@@ -320,7 +320,8 @@ class ALPRO(nn.Module):
     there, so the clip is straight-through: the value is clipped, the gradient is not.
     """
     t = self.temp
-    return t + jax.lax.stop_gradient(jnp.clip(t, *TEMP_RANGE) - t)
+    # `t - stop_gradient(t)` is exactly 0 in value and 1 in gradient.
+    return jnp.clip(jax.lax.stop_gradient(t), *TEMP_RANGE) + (t - jax.lax.stop_gradient(t))
 
   def fuse(self, text_tokens: jax.Array, text_mask: jax.Array, video_tokens: jax.Array,
            deterministic: bool = True) -> jax.Array:

@@ -42,10 +42,54 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   return nn.with_logical_constraint(x, tuple(names))
 
 
+class DenseGeneral(nn.Module):
+  """Linear map over one or more trailing input axes to one or more output axes.
+
+  Unlike `nn.DenseGeneral`, the kernel is created at its full shape (e.g.
+  `[D, heads, head_dim]`): flax's version initialises a flattened 2-D kernel and, with a mesh
+  in scope, applies the 3-D logical constraint to it, which fails.
+
+  Attributes:
+    features: output feature shape.
+    kernel_axes: logical names, input dims then output dims; the bias takes the output part.
+    axis: contracted input axes.
+    dtype: compute dtype (inputs and kernel are cast to it); params are float32.
+    use_bias: whether to add a bias.
+    kernel_init: shape-agnostic initializer (normal / truncated normal / zeros).
+    bias_init: bias initializer.
+  """
+  features: int | Sequence[int]
+  kernel_axes: Sequence[str | None]
+  axis: int | Sequence[int] = -1
+  dtype: Dtype = jnp.float32
+  use_bias: bool = True
+  kernel_init: Initializer = nn.initializers.normal(0.02)
+  bias_init: Initializer = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x `[..., *in]` -> `[..., *features]` in `dtype`."""
+    features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+    axis = (self.axis,) if isinstance(self.axis, int) else tuple(self.axis)
+    axis = tuple(sorted(a % x.ndim for a in axis))
+    names = tuple(self.kernel_axes)
+    if len(names) != len(axis) + len(features):
+      raise ValueError(f"kernel_axes {names} must have {len(axis) + len(features)} names")
+    kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, names),
+                        tuple(x.shape[a] for a in axis) + features, jnp.float32)
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
+                            ((axis, tuple(range(len(axis)))), ((), ())))
+    if self.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(self.bias_init, names[len(axis):]),
+                        features, jnp.float32)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
 def dense(features: int | Sequence[int], kernel_axes: Sequence[str | None], *, dtype: Dtype,
           axis: int | Sequence[int] = -1, kernel_init: Initializer | None = None,
           bias_init: Initializer = nn.initializers.zeros, use_bias: bool = True,
-          name: str | None = None) -> nn.DenseGeneral:
+          name: str | None = None) -> DenseGeneral:
   """A `DenseGeneral` whose kernel and bias carry logical axis names.
 
   Args:
@@ -60,18 +104,11 @@ def dense(features: int | Sequence[int], kernel_axes: Sequence[str | None], *, d
     name: submodule name.
 
   Returns:
-    An unbound `nn.DenseGeneral` module.
+    An unbound `DenseGeneral` module.
   """
-  n_in = 1 if isinstance(axis, int) else len(axis)
-  n_out = 1 if isinstance(features, int) else len(features)
-  kernel_axes = tuple(kernel_axes)
-  if len(kernel_axes) != n_in + n_out:
-    raise ValueError(f"kernel_axes {kernel_axes} must have {n_in + n_out} names")
-  kernel_init = kernel_init or nn.initializers.normal(0.02)
-  return nn.DenseGeneral(
-      features=features, axis=axis, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
-      kernel_init=nn.with_logical_partitioning(kernel_init, kernel_axes),
-      bias_init=nn.with_logical_partitioning(bias_init, kernel_axes[n_in:]), name=name)
+  return DenseGeneral(features=features, kernel_axes=tuple(kernel_axes), axis=axis, dtype=dtype,
+                      use_bias=use_bias, kernel_init=kernel_init or nn.initializers.normal(0.02),
+                      bias_init=bias_init, name=name)
 
 
 def layer_norm(epsilon: float, dtype: Dtype, name: str | None = None) -> nn.LayerNorm:

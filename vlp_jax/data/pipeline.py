@@ -1,0 +1,322 @@
+"""tf.data input pipeline: TFRecord shards -> host-local numpy batches.
+
+Per process: its files (`files[process_index::process_count]`) -> (training: seeded file
+shuffle, repeat, interleave, seeded record shuffle) -> parse -> pick frame indices from
+`video/num_frames` -> check the selected JPEGs (corrupt clips dropped and counted) -> decode
+only those frames, crop and resize (the same crop for every frame of a clip) -> batch ->
+(Python) tokenise captions + MLM masking.
+
+Determinism: all randomness inside tf.data is stateless, keyed by (seed, process, element
+counter), and the Python text rng is keyed by (seed, process, batch counter), so the same
+seed gives the same batches, and a restored iterator continues exactly as the uninterrupted
+one would.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from vlp_jax.data import records, text
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+SAMPLING_MODES = ("rand", "headtail", "uniform")
+BATCH_KEYS = ("video", "text_ids", "text_mask", "mlm_ids", "mlm_labels", "valid", "video_id")
+
+
+def frame_indices(n: tf.Tensor, num_frames: int, mode: str, u: tf.Tensor | None = None
+                  ) -> tf.Tensor:
+  """Which stored frames to use, in time order.
+
+  Args:
+    n: int32 scalar >= 1, number of stored frames.
+    num_frames: T, frames to pick (repeats when n < T).
+    mode: `rand` (split [0, n) into T equal integer segments, one uniform index in each),
+      `uniform` (segment centres), `headtail` (first and last frame, evenly spaced ones in
+      between; T == 1 gives the first frame).
+    u: float32 [T] uniforms in [0, 1) for `rand`.
+
+  Returns:
+    int32 [T] non-decreasing indices in [0, n).
+  """
+  n = tf.cast(n, tf.int32)
+  t = num_frames
+  i = tf.range(t, dtype=tf.int32)
+  if mode == "rand":
+    start = (i * n) // t
+    length = tf.maximum((i + 1) * n // t - start, 1)  # n < T: empty segments repeat a frame
+    offset = tf.cast(tf.floor(u * tf.cast(length, tf.float32)), tf.int32)
+    idx = start + tf.minimum(offset, length - 1)
+  elif mode == "uniform":
+    idx = ((2 * i + 1) * n) // (2 * t)
+  elif mode == "headtail":
+    if t == 1:
+      idx = tf.zeros([1], tf.int32)
+    else:
+      idx = (2 * i * (n - 1) + (t - 1)) // (2 * (t - 1))  # round(i * (n-1) / (T-1))
+  else:
+    raise ValueError(f"unknown frame sampling mode {mode!r}; expected one of {SAMPLING_MODES}")
+  return tf.clip_by_value(idx, 0, n - 1)
+
+
+def _looks_like_jpeg(jpegs: tf.Tensor) -> tf.Tensor:
+  """bool [K]: starts with FFD8, ends with FFD9 and passes tf.io.is_jpeg (cheap, no decode)."""
+  lens = tf.strings.length(jpegs)
+  two = tf.fill(tf.shape(lens), 2)
+  head = tf.strings.substr(jpegs, tf.zeros_like(lens), two) == b"\xff\xd8"
+  tail = tf.strings.substr(jpegs, tf.maximum(lens - 2, 0), two) == b"\xff\xd9"
+  magic = tf.map_fn(tf.io.is_jpeg, jpegs, fn_output_signature=tf.bool)
+  return (lens >= 4) & head & tail & magic
+
+
+def _seeds(seed: int, process_index: int) -> dict[str, int]:
+  state = np.random.SeedSequence([seed, process_index, 0x7DA7A]).generate_state(3, np.uint32)
+  return dict(files=int(state[0]), records=int(state[1]), elements=int(state[2]))
+
+
+class Loader:
+  """Host-local batches of one split.
+
+  Iterating yields dicts:
+    video: float32 [B, T, H, W, 3], CLIP-normalised.
+    text_ids, text_mask: int32 [B, L] ([CLS] caption [SEP] pad; L = data_cfg.max_text_len).
+    mlm_ids, mlm_labels: int32 [B, L] (labels -100 where not masked and on invalid rows).
+    valid: bool [B] (False only on eval padding rows).
+    video_id: object [B] of bytes (host-only; b"" on padding rows).
+  Training: infinite, shuffled, random caption per clip. Eval: one deterministic pass, first
+  caption per clip, the last batch padded to `batch_size` with valid=False rows.
+
+  Args:
+    data_cfg: `config.data` (dir, train_sampling, eval_sampling, crop_scale, flip,
+      max_text_len, mlm_prob, shuffle_buffer, num_parallel_calls, prefetch).
+    split: split name (files `<split>-XXXXX-of-XXXXX.tfrecord`).
+    batch_size: per-process batch size B.
+    training: shuffled infinite stream with augmentation, else one deterministic pass.
+    seed: everything random derives from (seed, process_index).
+    tokenizer: BERT tokenizer (tokenizer.load_tokenizer).
+    num_frames, image_size: T and H = W of the output video.
+    process_index, process_count: this process reads files[process_index::process_count].
+    data_dir: overrides `data_cfg.dir` (e.g. the resolved `WORKDIR/data`).
+
+  Attributes:
+    files: this process's shard files.
+    skipped: clips dropped so far because a selected frame was not a well-formed JPEG.
+    step: batches delivered so far.
+  """
+
+  def __init__(self, data_cfg, split: str, *, batch_size: int, training: bool, seed: int,
+               tokenizer, num_frames: int, image_size: int, process_index: int = 0,
+               process_count: int = 1, data_dir: str | None = None):
+    self.cfg = data_cfg
+    self.split = split
+    self.batch_size = int(batch_size)
+    self.training = bool(training)
+    self.seed = int(seed)
+    self.tokenizer = tokenizer
+    self.num_frames = int(num_frames)
+    self.image_size = int(image_size)
+    self.process_index = int(process_index)
+    self.process_count = int(process_count)
+    self.max_text_len = int(data_cfg.max_text_len)
+    self.sampling = data_cfg.train_sampling if training else data_cfg.eval_sampling
+    if self.sampling not in SAMPLING_MODES:
+      raise ValueError(f"frame sampling {self.sampling!r} not in {SAMPLING_MODES}")
+    if not 0 <= self.process_index < self.process_count:
+      raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    data_dir = data_dir if data_dir is not None else data_cfg.dir
+    if not data_dir:
+      raise ValueError("data.dir is empty: pass the resolved data directory")
+
+    all_files = records.split_files(data_dir, split)
+    mine = all_files[self.process_index::self.process_count]
+    if not mine:
+      raise ValueError(
+          f"process {self.process_index} of {self.process_count} gets no files of split "
+          f"{split!r}: {len(all_files)} file(s) in {data_dir!r}; write at least as many "
+          "shards as processes")
+    self.files = mine
+    nonempty = [f for f in mine if os.path.getsize(f) > 0]  # empty shards: nothing to read
+    if self.training and not nonempty:
+      # repeat() over files without records would spin forever.
+      raise ValueError(f"process {self.process_index}: all its files of split {split!r} are "
+                       f"empty: {mine}")
+
+    self.special_ids = sorted(set(tokenizer.all_special_ids))
+    self.vocab_size = len(tokenizer)
+    self.mask_id = tokenizer.mask_token_id
+    self._seeds = _seeds(self.seed, self.process_index)
+    self._iterator = iter(self._dataset(nonempty))
+    self._ckpt = tf.train.Checkpoint(iterator=self._iterator)
+    self.skipped = 0
+    self.step = 0
+    self._done = False
+
+  # ----------------------------------------------------------------------------- tf.data
+  def _dataset(self, files: list[str]) -> tf.data.Dataset:
+    cfg = self.cfg
+    npc = tf.data.AUTOTUNE if cfg.num_parallel_calls in (-1, None) else int(cfg.num_parallel_calls)
+    files_ds = tf.data.Dataset.from_tensor_slices(tf.constant(files, tf.string))
+    if self.training:
+      files_ds = files_ds.shuffle(len(files), seed=self._seeds["files"],
+                                  reshuffle_each_iteration=True).repeat()
+      ds = files_ds.interleave(tf.data.TFRecordDataset, cycle_length=min(len(files), 16),
+                               block_length=1, num_parallel_calls=npc, deterministic=True)
+      ds = ds.shuffle(int(cfg.shuffle_buffer), seed=self._seeds["records"],
+                      reshuffle_each_iteration=True)
+      ds = ds.map(lambda s: (s, False))
+    else:
+      ds = files_ds.flat_map(tf.data.TFRecordDataset).map(lambda s: (s, False))
+      # One marker record at the end: it carries the final skip count out of the pipeline
+      # even when the last real clips were dropped, and ends the pass.
+      ds = ds.concatenate(tf.data.Dataset.from_tensors((tf.constant(self._sentinel()), True)))
+    ds = ds.enumerate()
+    ds = ds.map(self._select, num_parallel_calls=npc, deterministic=True)
+
+    def count(total, x):
+      total += tf.cast(~x["ok"] & ~x["sentinel"], tf.int64)
+      return total, dict(x, skipped=total)
+    ds = ds.scan(tf.constant(0, tf.int64), count)
+    ds = ds.filter(lambda x: x["ok"] | x["sentinel"])
+    ds = ds.map(self._decode, num_parallel_calls=npc, deterministic=True)
+    ds = ds.ignore_errors(log_warning=True)  # last defence: a JPEG that passed the checks
+    ds = ds.batch(self.batch_size, drop_remainder=self.training)
+    ds = ds.prefetch(int(cfg.prefetch))
+    options = tf.data.Options()
+    options.deterministic = True
+    return ds.with_options(options)
+
+  @staticmethod
+  def _sentinel() -> bytes:
+    jpeg = tf.io.encode_jpeg(tf.zeros([8, 8, 3], tf.uint8)).numpy()
+    return records.clip_example("", [jpeg], [""], 0.0).SerializeToString()
+
+  def _select(self, index, pair):
+    """Parse, choose frame indices and caption, check the chosen JPEGs (no decoding)."""
+    serialized, sentinel = pair
+    ex = records.parse_clip(serialized, context_keys=(records.VIDEO_ID, records.NUM_FRAMES,
+                                                      records.CAPTIONS))
+    frames = ex[records.FRAMES]
+    stored = tf.shape(frames, out_type=tf.int32)[0]
+    declared = tf.cast(ex[records.NUM_FRAMES], tf.int32)
+    n = tf.where(declared > 0, tf.minimum(declared, stored), stored)
+    key = tf.stack([tf.constant(self._seeds["elements"], tf.int64), index])
+    keys = tf.random.experimental.stateless_split(key, 3)
+    u = tf.random.stateless_uniform([self.num_frames], seed=keys[0])
+    idx = frame_indices(tf.maximum(n, 1), self.num_frames, self.sampling, u)
+    idx = tf.where(n > 0, idx, stored)  # no frames: points at the b"" pad, fails the check
+    unique_idx, frame_pos = tf.unique(idx)  # decode each repeated frame once
+    jpegs = tf.gather(tf.concat([frames, [b""]], 0), unique_idx)
+    ok = (n > 0) & tf.reduce_all(_looks_like_jpeg(jpegs))
+    captions = ex[records.CAPTIONS]
+    num_captions = tf.size(captions)
+    if self.training:
+      pick = tf.random.stateless_uniform([], seed=keys[1], minval=0,
+                                         maxval=tf.maximum(num_captions, 1), dtype=tf.int32)
+    else:
+      pick = 0
+    caption = tf.concat([captions, [""]], 0)[pick]  # no caption: empty text
+    return dict(video_id=ex[records.VIDEO_ID], caption=caption, jpegs=jpegs,
+                frame_pos=frame_pos, ok=ok, sentinel=sentinel, key=keys[2])
+
+  def _decode(self, x):
+    """Decode only the chosen frames, crop (same window for all frames) and resize."""
+    jpegs = x["jpegs"]
+    shape = tf.io.extract_jpeg_shape(jpegs[0])
+    h, w = shape[0], shape[1]
+    size = self.image_size
+    crop_key, flip_key = tf.unstack(tf.random.experimental.stateless_split(x["key"], 2))
+    if self.training:
+      lo, hi = self.cfg.crop_scale
+      begin, extent, _ = tf.image.stateless_sample_distorted_bounding_box(
+          shape, bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), seed=crop_key,
+          min_object_covered=0.0, aspect_ratio_range=(3 / 4, 4 / 3),
+          area_range=(float(lo), float(hi)), max_attempts=10,
+          use_image_if_no_bounding_boxes=True)
+      window = tf.stack([begin[0], begin[1], extent[0], extent[1]])
+    else:
+      # Resize short side then centre crop == centre square crop then resize.
+      side = tf.minimum(h, w)
+      window = tf.stack([(h - side) // 2, (w - side) // 2, side, side])
+
+    def decode_one(jpeg):
+      img = tf.io.decode_and_crop_jpeg(jpeg, window, channels=3)
+      return tf.image.resize(img, [size, size], method="bilinear", antialias=True)
+
+    frames = tf.map_fn(decode_one, jpegs,
+                       fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32))
+    video = tf.gather(frames, x["frame_pos"])
+    if self.training and self.cfg.flip:
+      flip = tf.random.stateless_uniform([], seed=flip_key) < 0.5
+      video = tf.cond(flip, lambda: tf.reverse(video, [2]), lambda: video)
+    video = (video / 255.0 - tf.constant(CLIP_MEAN)) / tf.constant(CLIP_STD)
+    video = tf.ensure_shape(video, [self.num_frames, size, size, 3])
+    return dict(video=video, video_id=x["video_id"], caption=x["caption"],
+                skipped=x["skipped"], sentinel=x["sentinel"])
+
+  # ------------------------------------------------------------------------------ python
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, Any]:
+    if self._done:
+      raise StopIteration
+    try:
+      b = next(self._iterator)
+    except StopIteration:
+      self._done = True
+      raise
+    sentinel = b["sentinel"].numpy()
+    self.skipped = max(self.skipped, int(b["skipped"].numpy().max()))
+    if sentinel.all():  # only the end marker left: the eval pass is over
+      self._done = True
+      raise StopIteration
+    video = b["video"].numpy()
+    video_id = b["video_id"].numpy()
+    captions = [c.decode("utf-8", "replace") for c in b["caption"].numpy()]
+    valid = ~sentinel
+    pad = self.batch_size - len(valid)
+    if pad > 0:
+      video = np.concatenate([video, np.zeros((pad,) + video.shape[1:], video.dtype)])
+      video_id = np.concatenate([video_id, np.full(pad, b"", object)])
+      captions += [""] * pad
+      valid = np.concatenate([valid, np.zeros(pad, bool)])
+    video[~valid] = 0.0  # the end marker row looks like padding
+    video_id = np.asarray([v if ok else b"" for v, ok in zip(video_id, valid)], object)
+    ids, mask = text.tokenize(self.tokenizer, captions, self.max_text_len)
+    rng = np.random.default_rng([self.seed, self.process_index, self.step, 0x313])
+    mlm_ids, labels = text.mlm_mask(ids, mask, rng, vocab_size=self.vocab_size,
+                                    mask_id=self.mask_id, special_ids=self.special_ids,
+                                    prob=float(self.cfg.mlm_prob))
+    labels[~valid] = text.IGNORE_LABEL
+    self.step += 1
+    return dict(video=video, text_ids=ids, text_mask=mask, mlm_ids=mlm_ids, mlm_labels=labels,
+                valid=valid, video_id=video_id)
+
+  # ------------------------------------------------------------------------ checkpointing
+  def save(self, path: str) -> None:
+    """Saves the iterator position (incl. shuffle buffers) to `path.*` and `path.json`."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    self._ckpt.write(path)
+    state = dict(step=self.step, skipped=self.skipped, done=self._done, split=self.split,
+                 process_index=self.process_index, process_count=self.process_count)
+    tmp = path + ".json.tmp"
+    with open(tmp, "w") as f:
+      json.dump(state, f)
+    os.replace(tmp, path + ".json")
+
+  def restore(self, path: str) -> None:
+    """Restores a position written by `save` into this (identically built) Loader."""
+    if not os.path.exists(path + ".json"):
+      raise FileNotFoundError(f"no loader state at {path!r}")
+    with open(path + ".json") as f:
+      state = json.load(f)
+    if (state["split"], state["process_index"], state["process_count"]) != (
+        self.split, self.process_index, self.process_count):
+      raise ValueError(f"loader state {path!r} is for split {state['split']!r}, process "
+                       f"{state['process_index']} of {state['process_count']}")
+    self._ckpt.read(path).assert_consumed()
+    self.step, self.skipped, self._done = state["step"], state["skipped"], state["done"]

@@ -1,0 +1,431 @@
+"""The synthetic "moving shapes" video-text corpus.
+
+Each clip shows one (sometimes two) coloured shapes moving over a noisy background, with
+several template captions naming shape, colour, size and motion. It is written in the real
+record schema (records.py), so the whole pipeline, the demo training run and the retrieval /
+QA / action evaluations run on it unchanged.
+
+Properties the evaluations rely on:
+- Deterministic from a seed: every clip uses its own rng seeded by (seed, split, index), so
+  the output does not depend on the number of worker processes.
+- Frame order matters: every motion has an opposite (left/right, up/down, grows/shrinks), so
+  a model that ignores time cannot separate them.
+- `test_unseen` holds single-object clips whose (shape, colour) pair never occurs in
+  train/val/test (compositional generalisation).
+
+This module imports no tensorflow at module level, so worker processes stay light.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import multiprocessing
+import os
+import time
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond", "hexagon", "ring")
+COLOURS = {  # saturated and far apart, and far from the grey background
+    "red": (220, 30, 30),
+    "green": (40, 180, 40),
+    "blue": (40, 70, 230),
+    "yellow": (240, 220, 30),
+    "purple": (140, 40, 200),
+    "orange": (250, 140, 10),
+    "cyan": (20, 210, 220),
+    "pink": (250, 110, 190),
+}
+SIZES = ("small", "large")
+MOTIONS = ("left", "right", "up", "down", "grows", "shrinks", "rotates", "still")
+OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up",
+            "grows": "shrinks", "shrinks": "grows"}
+LABEL_TEXT = {"left": "moving left", "right": "moving right", "up": "moving up",
+              "down": "moving down", "grows": "growing", "shrinks": "shrinking",
+              "rotates": "rotating", "still": "staying still"}
+SPLITS = ("train", "val", "test", "test_unseen")
+_SPLIT_CODE = {s: i for i, s in enumerate(SPLITS)}
+_ROUND_SHAPES = ("circle", "ring")
+_NO_ROTATE = ("circle", "ring", "hexagon")  # rotation invisible (hexagon: nearly, at 64 px)
+_SYMMETRY = {"square": 4, "cross": 4, "star": 5, "triangle": 3, "diamond": 2}
+HELDOUT_FRACTION = 0.15
+TWO_OBJECT_PROB = 0.25
+FPS = 4.0
+
+SIZE_WORDS = {"small": ("small", "tiny", "little"), "large": ("large", "big", "huge")}
+# (finite verb phrase, participle phrase) synonyms per motion. No phrase uses a word of
+# another motion or a size word, so captions stay unambiguous.
+MOTION_PHRASES = {
+    "left": (("moves to the left", "moves left", "slides left", "slides to the left",
+              "travels leftward", "drifts to the left"),
+             ("moving to the left", "moving left", "sliding left", "drifting to the left",
+              "travelling leftward")),
+    "right": (("moves to the right", "moves right", "slides right", "slides to the right",
+               "travels rightward", "drifts to the right"),
+              ("moving to the right", "moving right", "sliding right", "drifting to the right",
+               "travelling rightward")),
+    "up": (("moves up", "rises", "moves upward", "floats up", "goes up", "slides up"),
+           ("moving up", "rising", "floating upward", "going up")),
+    "down": (("moves down", "falls", "sinks", "moves downward", "goes down", "slides down"),
+             ("moving down", "falling", "sinking", "going down")),
+    "grows": (("grows", "gets bigger", "expands", "is growing", "swells"),
+              ("growing", "getting bigger", "expanding")),
+    "shrinks": (("shrinks", "gets smaller", "contracts", "is shrinking"),
+                ("shrinking", "getting smaller", "contracting")),
+    "rotates": (("rotates", "spins", "is spinning", "turns around", "is rotating"),
+                ("rotating", "spinning", "turning around")),
+    "still": (("stays still", "does not move", "remains in place", "is standing still",
+               "stays in place"),
+              ("staying still", "not moving", "standing still", "resting in place")),
+}
+# {np} = "a small red circle", {verb} / {part} = motion phrases.
+_SINGLE_TEMPLATES = (
+    "{np} {verb}",
+    "the {size} {colour} {shape} {verb}",
+    "there is {np} {part}",
+    "a video of {np} {part}",
+    "{a_size} {shape} in {colour} {verb}",
+    "we see {np} {part}",
+    "one {size} {colour} {shape} {verb}",
+)
+_DOUBLE_TEMPLATES = (
+    "two shapes: {np1} {part1} and {np2} {part2}",
+    "{np1} {verb1} while {np2} {verb2}",
+    "there are two shapes, {np1} {part1} and {np2} {part2}",
+    "{np1} {verb1} and {np2} {verb2}",
+    "{np1} {part1} next to {np2} {part2}",
+)
+CAPTIONS_PER_CLIP = 3
+
+_SIZE_FRAC = {"small": 0.09, "large": 0.17}  # bounding radius / image size
+_SCALE_RANGE = (0.6, 1.4)  # radius factor over a grows / shrinks clip
+_TRAVEL = 0.4  # translation over the clip, fraction of the frame
+# Total rotation over a clip, in symmetry periods: well away from a full period so the
+# first and last frames differ, and small per frame so subsampled frames do not alias.
+_ROTATION_PERIODS = 0.75
+_SUPERSAMPLE = 4  # masks are drawn larger and box-filtered down: anti-aliased edges
+
+
+def caption_words() -> list[str]:
+  """All words (and punctuation) the captions and label texts can contain."""
+  text = " ".join(
+      list(_SINGLE_TEMPLATES) + list(_DOUBLE_TEMPLATES) + list(SHAPES) + list(COLOURS)
+      + [w for ws in SIZE_WORDS.values() for w in ws] + list(LABEL_TEXT.values())
+      + [p for vs in MOTION_PHRASES.values() for group in vs for p in group] + ["a", "an"])
+  for ch in "{}:,":
+    text = text.replace(ch, f" {ch} ")
+  words = [w for w in text.split() if w not in "{}" and w.isalpha() or w in (":", ",")]
+  placeholders = {"np", "verb", "part", "size", "colour", "shape", "a_size", "np1", "np2",
+                  "verb1", "verb2", "part1", "part2"}
+  return list(dict.fromkeys(w for w in words if w not in placeholders))
+
+
+def _article(word: str) -> str:
+  return "an" if word[0] in "aeiou" else "a"
+
+
+def heldout_pairs(seed: int) -> list[tuple[str, str]]:
+  """The (shape, colour) pairs reserved for `test_unseen`, fixed by the seed.
+
+  About 15 % of all pairs; no shape or colour is held out more than twice, so every shape
+  and every colour still occurs in training.
+  """
+  rng = np.random.default_rng([seed, 7919])
+  pairs = [(s, c) for s in SHAPES for c in COLOURS]
+  k = max(1, round(HELDOUT_FRACTION * len(pairs)))
+  while True:
+    pick = [pairs[i] for i in sorted(rng.choice(len(pairs), size=k, replace=False))]
+    shape_counts = np.unique([p[0] for p in pick], return_counts=True)[1]
+    colour_counts = np.unique([p[1] for p in pick], return_counts=True)[1]
+    if shape_counts.max() <= 2 and colour_counts.max() <= 2:
+      return pick
+
+
+def _sample_motion(rng: np.random.Generator, shape: str) -> str:
+  choices = [m for m in MOTIONS if not (m == "rotates" and shape in _NO_ROTATE)]
+  return choices[rng.integers(len(choices))]
+
+
+def _track(rng: np.random.Generator, obj: dict, image_size: int) -> dict:
+  """Random start so the shape stays fully in frame over the whole clip."""
+  w = float(image_size)
+  r = _SIZE_FRAC[obj["size"]] * w
+  r_max = r * (_SCALE_RANGE[1] if obj["motion"] in ("grows", "shrinks") else 1.0)
+  dx, dy = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}.get(
+      obj["motion"], (0, 0))
+  dx, dy = dx * _TRAVEL * w, dy * _TRAVEL * w
+  lo, hi = r_max + 1.0, w - r_max - 1.0
+  x0 = rng.uniform(lo - min(dx, 0.0), hi - max(dx, 0.0))
+  y0 = rng.uniform(lo - min(dy, 0.0), hi - max(dy, 0.0))
+  angle0 = rng.uniform(-0.15, 0.15)  # small jitter keeps squares square, diamonds diamonds
+  spin = 0.0
+  if obj["motion"] == "rotates":
+    period = 2 * math.pi / _SYMMETRY[obj["shape"]]
+    spin = (1 if rng.random() < 0.5 else -1) * _ROTATION_PERIODS * period
+  return dict(x0=x0, y0=y0, dx=dx, dy=dy, r=r, angle0=angle0, spin=spin)
+
+
+def _pose(track: dict, motion: str, t: float) -> tuple[float, float, float, float]:
+  """(cx, cy, radius, angle) at clip time t in [0, 1]."""
+  lo, hi = _SCALE_RANGE
+  scale = {"grows": lo + (hi - lo) * t, "shrinks": hi - (hi - lo) * t}.get(motion, 1.0)
+  return (track["x0"] + track["dx"] * t, track["y0"] + track["dy"] * t, track["r"] * scale,
+          track["angle0"] + track["spin"] * t)
+
+
+def _unit_polygon(shape: str) -> np.ndarray:
+  """Vertices [K, 2] of a shape of bounding radius 1, upright."""
+  def ring(k, radius=1.0, offset=-math.pi / 2):
+    a = offset + 2 * math.pi * np.arange(k) / k
+    return np.stack([np.cos(a), np.sin(a)], -1) * radius
+  if shape == "square":
+    return ring(4, offset=math.pi / 4)
+  if shape == "triangle":
+    return ring(3)
+  if shape == "hexagon":
+    return ring(6, offset=0.0)
+  if shape == "diamond":
+    return np.array([[0.0, -1.0], [0.6, 0.0], [0.0, 1.0], [-0.6, 0.0]])
+  if shape == "star":
+    pts = ring(10)
+    pts[1::2] *= 0.45
+    return pts
+  if shape == "cross":
+    a, b = 0.32, 0.95
+    return np.array([[-a, -b], [a, -b], [a, -a], [b, -a], [b, a], [a, a], [a, b], [-a, b],
+                     [-a, a], [-b, a], [-b, -a], [-a, -a]])
+  raise ValueError(shape)
+
+
+def _shape_mask(shape: str, cx: float, cy: float, r: float, angle: float,
+                image_size: int) -> Image.Image:
+  """Anti-aliased 'L' mask of one shape."""
+  s = _SUPERSAMPLE
+  big = Image.new("L", (image_size * s, image_size * s), 0)
+  draw = ImageDraw.Draw(big)
+  cx, cy, r = cx * s, cy * s, r * s
+  if shape in _ROUND_SHAPES:
+    draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
+    if shape == "ring":
+      ri = 0.55 * r
+      draw.ellipse([cx - ri, cy - ri, cx + ri, cy + ri], fill=0)
+  else:
+    rot = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+    pts = _unit_polygon(shape) @ rot.T * r + np.array([cx, cy])
+    draw.polygon([tuple(p) for p in pts], fill=255)
+  return big.reduce(s)
+
+
+def _background(rng: np.random.Generator, image_size: int) -> np.ndarray:
+  """Grey noise texture, different per clip: float32 [H, W, 3]."""
+  base = rng.uniform(70.0, 150.0)
+  low = rng.uniform(-30.0, 30.0, (4, 4)).astype(np.float32)
+  low = np.asarray(Image.fromarray(low).resize((image_size, image_size),
+                                                          Image.BILINEAR))
+  tint = rng.uniform(-10.0, 10.0, 3).astype(np.float32)
+  fine = rng.normal(0.0, 8.0, (image_size, image_size, 3)).astype(np.float32)
+  return base + low[..., None] + tint + fine
+
+
+def _noun_phrase(rng, obj) -> dict:
+  size = SIZE_WORDS[obj["size"]][rng.integers(len(SIZE_WORDS[obj["size"]]))]
+  verbs, parts = MOTION_PHRASES[obj["motion"]]
+  return dict(size=size, colour=obj["colour"], shape=obj["shape"],
+              np=f"{_article(size)} {size} {obj['colour']} {obj['shape']}",
+              a_size=f"{_article(size)} {size}",
+              verb=verbs[rng.integers(len(verbs))], part=parts[rng.integers(len(parts))])
+
+
+def _captions(rng: np.random.Generator, objects: list[dict]) -> list[str]:
+  templates = _SINGLE_TEMPLATES if len(objects) == 1 else _DOUBLE_TEMPLATES
+  picks = rng.choice(len(templates), size=CAPTIONS_PER_CLIP, replace=False)
+  out = []
+  for k in picks:
+    fields = {}
+    if len(objects) == 1:
+      fields = _noun_phrase(rng, objects[0])
+    else:
+      for j, obj in enumerate(objects, 1):
+        fields.update({f"{key}{j}": v for key, v in _noun_phrase(rng, obj).items()})
+    out.append(templates[k].format(**fields))
+  return out
+
+
+def _objects(rng: np.random.Generator, split: str, heldout: list[tuple[str, str]]) -> list[dict]:
+  if split == "test_unseen":
+    pairs = heldout
+    count = 1
+  else:
+    held = set(heldout)
+    pairs = [(s, c) for s in SHAPES for c in COLOURS if (s, c) not in held]
+    count = 2 if rng.random() < TWO_OBJECT_PROB else 1
+  objects = []
+  while len(objects) < count:
+    shape, colour = pairs[rng.integers(len(pairs))]
+    if any(o["shape"] == shape for o in objects):  # two different shapes: captions unambiguous
+      continue
+    objects.append(dict(shape=shape, colour=colour, size=SIZES[rng.integers(len(SIZES))],
+                        motion=_sample_motion(rng, shape)))
+  return objects
+
+
+def _min_distance(tracks, objects, num_frames) -> float:
+  ts = np.linspace(0.0, 1.0, max(num_frames, 2))
+  p = [np.array([_pose(tr, o["motion"], t)[:3] for t in ts]) for tr, o in zip(tracks, objects)]
+  gap = np.hypot(p[0][:, 0] - p[1][:, 0], p[0][:, 1] - p[1][:, 1]) - p[0][:, 2] - p[1][:, 2]
+  return float(gap.min())
+
+
+def render_clip(seed: int, split: str, index: int, num_frames: int, image_size: int,
+                heldout: list[tuple[str, str]]) -> dict[str, Any]:
+  """Renders one clip.
+
+  Returns:
+    dict with `video_id` (str), `frames` (list of JPEG bytes, num_frames of
+    image_size x image_size RGB), `captions` (list of str), `objects` (list of dicts with
+    shape, colour, size, motion), `label_index` / `label_text` (motion of the first object).
+  """
+  rng = np.random.default_rng([seed, _SPLIT_CODE[split], index])
+  objects = _objects(rng, split, heldout)
+  tracks = [_track(rng, o, image_size) for o in objects]
+  if len(objects) == 2:  # a few tries to keep the two shapes apart for the whole clip
+    best = (_min_distance(tracks, objects, num_frames), tracks)
+    for _ in range(10):
+      if best[0] >= 0:
+        break
+      cand = [_track(rng, o, image_size) for o in objects]
+      best = max(best, (_min_distance(cand, objects, num_frames), cand), key=lambda b: b[0])
+    tracks = best[1]
+  captions = _captions(rng, objects)
+  bg = _background(rng, image_size)
+  frames = []
+  for f in range(num_frames):
+    t = f / (num_frames - 1) if num_frames > 1 else 0.0
+    noise = rng.normal(0.0, 3.0, (image_size, image_size, 1)).astype(np.float32)
+    img = Image.fromarray(np.clip(bg + noise, 0, 255).astype(np.uint8))
+    for obj, tr in zip(objects, tracks):
+      mask = _shape_mask(obj["shape"], *_pose(tr, obj["motion"], t), image_size)
+      img.paste(COLOURS[obj["colour"]], (0, 0), mask)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90, subsampling=0)  # 4:4:4 keeps small shapes' colour
+    frames.append(buf.getvalue())
+  motion = objects[0]["motion"]
+  return dict(video_id=f"shapes-{split}-{index:06d}", frames=frames, captions=captions,
+              objects=objects, label_index=MOTIONS.index(motion), label_text=LABEL_TEXT[motion])
+
+
+def _render_job(args):
+  return render_clip(*args)
+
+
+def clip_record(clip: dict, num_frames: int):
+  """The `tf.train.SequenceExample` of a rendered clip (records schema)."""
+  from vlp_jax.data import records  # lazy: keeps tensorflow out of worker processes
+  entities = list(dict.fromkeys(o["shape"] for o in clip["objects"]))
+  return records.clip_example(
+      clip["video_id"], clip["frames"], clip["captions"], FPS,
+      label_index=clip["label_index"], label_text=clip["label_text"], entities=entities,
+      start_us=0, end_us=int(round(num_frames / FPS * 1e6)),
+      extra={"synthetic/attributes": [json.dumps(clip["objects"], sort_keys=True).encode()]})
+
+
+def _params(seed, counts, num_frames, image_size, num_shards) -> dict:
+  return dict(version=1, seed=int(seed), counts={k: int(v) for k, v in counts.items()},
+              num_frames=int(num_frames), image_size=int(image_size), num_shards=int(num_shards))
+
+
+def generate(out_dir: str, *, seed: int, num_train: int, num_val: int, num_test: int,
+             num_test_unseen: int, num_frames: int, image_size: int, num_shards: int,
+             workers: int = 1) -> dict:
+  """Writes the corpus: all splits as TFRecord shards, `vocab.txt`, `synthetic.json`, `DONE`.
+
+  `DONE` (the generation parameters as JSON) is written last, so an interrupted run is redone
+  by `ensure`. Existing shards of these splits are replaced.
+
+  Args:
+    out_dir: output directory.
+    seed: corpus seed; same seed and sizes give byte-identical files.
+    num_train, num_val, num_test, num_test_unseen: clips per split.
+    num_frames: stored frames per clip.
+    image_size: frame side in pixels.
+    num_shards: files per split.
+    workers: rendering processes; 1 = in this process (the demo corpus takes ~20 s so).
+
+  Returns:
+    Summary dict: `dir`, `counts` per split, `heldout_pairs`, `vocab_size`, `seconds`.
+  """
+  from vlp_jax.data import records, tokenizer  # lazy, see clip_record
+  start = time.time()
+  counts = dict(train=num_train, val=num_val, test=num_test, test_unseen=num_test_unseen)
+  params = _params(seed, counts, num_frames, image_size, num_shards)
+  os.makedirs(out_dir, exist_ok=True)
+  meta_path = os.path.join(out_dir, "synthetic.json")
+  done_path = os.path.join(out_dir, "DONE")
+  if os.path.exists(done_path):
+    os.remove(done_path)
+  stale = [os.path.join(out_dir, f) for f in os.listdir(out_dir) if f.endswith(".tfrecord")
+           and f.split("-")[0] in SPLITS]
+  if stale and not os.path.exists(meta_path):
+    raise FileExistsError(f"{out_dir!r} holds TFRecord shards not written by the synthetic "
+                          "generator; refusing to overwrite them")
+  heldout = heldout_pairs(seed)
+  meta = dict(params, shapes=list(SHAPES), colours=list(COLOURS), sizes=list(SIZES),
+              motions=list(MOTIONS), label_text=[LABEL_TEXT[m] for m in MOTIONS],
+              opposite=OPPOSITE, heldout_pairs=[list(p) for p in heldout])
+  with open(meta_path, "w") as f:
+    json.dump(meta, f, indent=1, sort_keys=True)
+  for path in stale:  # e.g. a different num_shards last time: would be read as extra files
+    os.remove(path)
+
+  # Forked workers only run numpy + Pillow; still, forking a process with live JAX/TF
+  # threads is risky, so callers that have started them should keep workers=1. (spawn and
+  # forkserver would re-import the caller's __main__, e.g. all of the trainer, per worker.)
+  pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
+  try:
+    for split, n in counts.items():
+      jobs = [(seed, split, i, num_frames, image_size, heldout) for i in range(n)]
+      clips = pool.imap(_render_job, jobs, chunksize=32) if pool else map(_render_job, jobs)
+      with records.ShardedWriter(out_dir, split, num_shards) as writer:
+        for clip in clips:  # imap keeps order: output independent of `workers`
+          writer.write(clip_record(clip, num_frames))
+  finally:
+    if pool is not None:
+      pool.close()
+      pool.join()
+  vocab_size = tokenizer.write_vocab(os.path.join(out_dir, "vocab.txt"),
+                                     tokenizer.synthetic_vocab_words())
+  with open(done_path, "w") as f:
+    json.dump(params, f, sort_keys=True)
+  return dict(dir=out_dir, counts=counts, heldout_pairs=heldout, vocab_size=vocab_size,
+              seconds=time.time() - start)
+
+
+def ensure(out_dir: str, synthetic_cfg) -> dict | None:
+  """Generates the corpus into `out_dir` unless a matching `DONE` marker is there.
+
+  Args:
+    out_dir: data directory.
+    synthetic_cfg: `config.data.synthetic` (seed, num_train, num_val, num_test,
+      num_test_unseen, num_frames, image_size, num_shards).
+
+  Returns:
+    generate()'s summary when it generated, else None.
+  """
+  c = synthetic_cfg
+  counts = dict(train=c.num_train, val=c.num_val, test=c.num_test,
+                test_unseen=c.num_test_unseen)
+  params = _params(c.seed, counts, c.num_frames, c.image_size, c.num_shards)
+  done_path = os.path.join(out_dir, "DONE")
+  if os.path.exists(done_path):
+    try:
+      with open(done_path) as f:
+        if json.load(f) == params:
+          return None
+    except (OSError, ValueError):
+      pass  # unreadable marker: regenerate
+  return generate(out_dir, seed=c.seed, num_train=c.num_train, num_val=c.num_val,
+                  num_test=c.num_test, num_test_unseen=c.num_test_unseen,
+                  num_frames=c.num_frames, image_size=c.image_size, num_shards=c.num_shards)
