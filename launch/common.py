@@ -1,6 +1,7 @@
 """Flags and process setup shared by the entry points."""
 from __future__ import annotations
 
+import logging as logging_std
 import os
 
 from absl import flags, logging
@@ -16,9 +17,18 @@ def define_distributed_flags() -> None:
                        "(TPU pods, SLURM, Open MPI).")
 
 
+class _QuietLibraries(logging_std.Filter):
+  """Drops INFO records of orbax / jax internals (dozens of lines per checkpoint)."""
+
+  def filter(self, record: logging_std.LogRecord) -> bool:
+    noisy = any(p in record.pathname for p in ("/orbax/", "/jax/_src/", "/tensorboardX/"))
+    return record.levelno >= logging_std.WARNING or not noisy
+
+
 def setup(FLAGS) -> None:
   """Hides GPUs/TPUs from TensorFlow, initialises jax.distributed, logs the topology."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   import jax
   if FLAGS.coordinator:
     jax.distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)

@@ -15,3 +15,10 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
+
+# Identical programs (the same tiny step in several tests) compile once per session.
+import tempfile  # noqa: E402
+
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), "vlp_jax_test_compile_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")

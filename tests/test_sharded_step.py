@@ -45,9 +45,16 @@ def test_sharded_step_matches_single_device(tmp_path):
   flat_one = jax.tree_util.tree_leaves_with_path(one_params)
   flat_many = dict(jax.tree_util.tree_leaves_with_path(many_params))
   for path, a in flat_one:
+    name = jax.tree_util.keystr(path)
     b = flat_many[path]
+    # The gradient of an attention key bias is zero in exact arithmetic (it shifts every logit
+    # of a query equally), so Adam turns float noise into +-lr steps there: skip those values.
+    if "['key']['bias']" in name:
+      continue
+    if "['qkv']['bias']" in name:
+      a, b = a[[0, 2]], b[[0, 2]]
     err = np.max(np.abs(a - b)) / (np.max(np.abs(a)) + 1e-12)
-    assert err <= 1e-5, (jax.tree_util.keystr(path), err)
+    assert err <= 1e-5, (name, err)
   # The state really is sharded: some parameter is split over fsdp and some over tensor.
   specs = [x.sharding.spec for x in jax.tree.leaves(state.params)]
   assert any("fsdp" in str(s) for s in specs) and any("tensor" in str(s) for s in specs)

@@ -1,7 +1,7 @@
 """Runs an embedding function over an eval loader and keeps the features on device."""
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +24,7 @@ def collect(fn: Callable[[Any, dict], Any], params: Any, batches: Iterable[dict]
   """
   jitted = jax.jit(fn)
   outs, valids = [], []
-  for batch in batches:
+  for batch in _aligned(batches):
     g = shd.host_to_global(batch, mesh, rules)
     valid = g.pop("valid")
     with shd.activate(mesh, rules):
@@ -38,6 +38,29 @@ def collect(fn: Callable[[Any, dict], Any], params: Any, batches: Iterable[dict]
   gather = jax.jit(lambda xs, idx: jax.tree.map(lambda *a: jnp.concatenate(a)[idx], *xs),
                    out_shardings=shd.replicated(mesh))
   return gather(outs, jnp.asarray(keep))
+
+
+def _aligned(batches: Iterable[dict]) -> Iterator[dict]:
+  """Yields the same number of batches on every process.
+
+  Hosts read different files, so one may run out first; it then contributes all-invalid copies
+  of its last batch while the others finish (otherwise the collective steps would hang).
+  """
+  if jax.process_count() == 1:
+    yield from batches
+    return
+  it, template = iter(batches), None
+  while True:
+    batch = next(it, None)
+    more = multihost_utils.process_allgather(np.int32(batch is not None))
+    if not np.any(more):
+      return
+    if batch is None:
+      if template is None:
+        raise ValueError(f"process {jax.process_index()} has no evaluation data while others do")
+      batch = dict(template, valid=np.zeros_like(template["valid"]))
+    template = batch
+    yield batch
 
 
 def similarity(text_feat: jax.Array, video_feat: jax.Array, mesh, rules) -> jax.Array:

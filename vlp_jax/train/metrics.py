@@ -54,7 +54,8 @@ class MetricWriter:
       if self._tb is not None:
         for k, v in values.items():
           if math.isfinite(v):
-            self._tb.add_scalar(f"{split}/{k}", v, step)
+            # TensorBoard tag names allow [A-Za-z0-9_./-]: "R@1" -> "R_1".
+            self._tb.add_scalar(f"{split}/{k}".replace("@", "_"), v, step)
         self._tb.flush()
     return values
 
