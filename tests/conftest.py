@@ -6,9 +6,13 @@ import os
 import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Tests are dominated by XLA compile time of tiny programs: the lowest backend optimisation
+# level compiles ~40 % faster (and runs slower, which tiny programs do not notice).
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
 _flag = "--xla_force_host_platform_device_count=8"
 if _flag not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
+  os.environ["XLA_FLAGS"] = " ".join(
+      [os.environ.get("XLA_FLAGS", ""), _flag, TEST_XLA_FLAGS]).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 

@@ -26,7 +26,8 @@ def _cmd(workdir, *extra):
 
 def _env(devices):
   env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={devices} "
+                      "--xla_backend_optimization_level=0")
   env["JAX_PLATFORMS"] = "cpu"
   env["JAX_CPU_COLLECTIVES_IMPLEMENTATION"] = "gloo"
   return env

@@ -96,8 +96,9 @@ class Progress:
     frac = step / max(self.total, 1)
     bar = "#" * int(30 * frac)
     eta_s = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "--:--:--"
+    loss = f"{self.loss:.4f}" if math.isfinite(self.loss) else "-"
     sys.stderr.write(f"\r[{bar:<30}] {step}/{self.total} {rate:.2f} steps/s ETA {eta_s} "
-                     f"loss {self.loss:.4f} ")
+                     f"loss {loss} ")
     sys.stderr.flush()
 
   def close(self) -> None:

@@ -96,11 +96,11 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule,
       metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    gnorm = optax.global_norm(grads)
+    gnorm = optax.tree_utils.tree_norm(grads)
     # Finite loss and gradients are not enough: the update (e.g. lr) could still be bad, and a
     # checkpoint of the updated params must never hold NaNs.
     finite = (jnp.isfinite(metrics["loss"]) & jnp.isfinite(gnorm)
-              & jnp.isfinite(optax.global_norm(updates)))
+              & jnp.isfinite(optax.tree_utils.tree_norm(updates)))
     metrics.update(grad_norm=gnorm, lr=schedule(state.step), finite=finite)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
