@@ -107,7 +107,7 @@ def test_record_round_trip_and_file_names(tmp_path):
   assert records.CONTEXT_KEYS == (
       "video/id", "video/fps", "video/num_frames", "caption/string", "clip/label/index",
       "clip/label/text", "question/string", "answer/string", "entity/string",
-      "clip/start/timestamp", "clip/end/timestamp")
+      "clip/start/timestamp", "clip/end/timestamp", "caption/contrast")
 
 
 def test_sharded_writer_crash_leaves_no_shard(tmp_path):
@@ -407,3 +407,22 @@ def test_text_and_random_source_do_not_import_tensorflow():
           "assert 'tensorflow' not in sys.modules and 'transformers' not in sys.modules")
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
+
+
+def test_eval_batches_carry_contrast_probes(corpus, tok):
+  probes = {}
+  for f in records.split_files(corpus, "val"):
+    for r in records.read_records(f):
+      d = records.example_to_dict(r)
+      probes[d[records.VIDEO_ID][0]] = [p.decode() for p in d.get(records.CONTRAST, [])]
+  assert any(probes.values()) and not all(probes.values())
+  for b in _loader(corpus, tok, "val", training=False, batch_size=4):
+    assert b["probe_ids"].shape == (4, 2, LEN) and b["has_probe"].dtype == bool
+    for i, vid in enumerate(b["video_id"]):
+      want = probes.get(vid, [])
+      assert b["has_probe"][i] == (bool(b["valid"][i]) and len(want) == 2)
+      if b["has_probe"][i]:
+        ids, _ = text.tokenize(tok, want, LEN)
+        np.testing.assert_array_equal(b["probe_ids"][i], ids)
+  train = next(iter(_loader(corpus, tok, "train", training=True)))
+  assert "probe_ids" not in train  # probes are an evaluation-only input

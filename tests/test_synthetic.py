@@ -170,3 +170,23 @@ def test_ensure_generates_once_and_redoes_interrupted(tmp_path):
     w.write(records.clip_example("v", [b"\xff\xd8\xff\xd9"], ["x"], 1.0))
   with pytest.raises(FileExistsError, match="refusing"):
     synthetic.ensure(foreign, cfg)
+
+
+def test_contrast_probes_differ_only_in_direction(corpus):
+  d, _ = corpus
+  seen = 0
+  for clip in _clips(d, "test") + _clips(d, "test_unseen"):
+    objects = json.loads(clip["synthetic/attributes"][0])
+    probes = [p.decode() for p in clip.get(records.CONTRAST, [])]
+    if len(objects) == 1 and objects[0]["motion"] in synthetic.OPPOSITE:
+      seen += 1
+      motion = objects[0]["motion"]
+      assert len(probes) == 2 and probes[0] != probes[1]
+      assert _mentions(probes[0], objects[0])
+      assert _mentions(probes[1], dict(objects[0], motion=synthetic.OPPOSITE[motion]))
+      # Same words apart from the motion phrase.
+      verbs = [synthetic.MOTION_PHRASES[m][0][0] for m in (motion, synthetic.OPPOSITE[motion])]
+      assert probes[0].replace(verbs[0], "") == probes[1].replace(verbs[1], "")
+    else:
+      assert probes == []
+  assert seen >= 5

@@ -48,6 +48,7 @@ def test_tiny_trains_loss_falls_and_evaluates(tmp_path, data_dir):
   assert len(test) == 1 and test[0]["step"] == 40
   assert 0.0 <= test[0]["retrieval/t2v_R@1"] <= test[0]["retrieval/t2v_R@10"] <= 100.0
   assert results["test"]["retrieval/v2t_MnR"] >= 1.0
+  assert 0.0 <= results["test"]["retrieval/contrast_acc"] <= 100.0
   assert os.path.exists(tmp_path / "config.json")
   assert os.listdir(tmp_path / "tensorboard")
 

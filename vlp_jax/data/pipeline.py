@@ -197,8 +197,9 @@ class Loader:
   def _select(self, index, pair):
     """Parse, choose frame indices and caption, check the chosen JPEGs (no decoding)."""
     serialized, sentinel = pair
-    ex = records.parse_clip(serialized, context_keys=(records.VIDEO_ID, records.NUM_FRAMES,
-                                                      records.CAPTIONS))
+    keys = (records.VIDEO_ID, records.NUM_FRAMES, records.CAPTIONS)
+    ex = records.parse_clip(serialized, context_keys=keys + (() if self.training
+                                                             else (records.CONTRAST,)))
     frames = ex[records.FRAMES]
     stored = tf.shape(frames, out_type=tf.int32)[0]
     declared = tf.cast(ex[records.NUM_FRAMES], tf.int32)
@@ -219,8 +220,13 @@ class Loader:
     else:
       pick = 0
     caption = tf.concat([captions, [""]], 0)[pick]  # no caption: empty text
-    return dict(video_id=ex[records.VIDEO_ID], caption=caption, jpegs=jpegs,
-                frame_pos=frame_pos, ok=ok, sentinel=sentinel, key=keys[2])
+    out = dict(video_id=ex[records.VIDEO_ID], caption=caption, jpegs=jpegs,
+               frame_pos=frame_pos, ok=ok, sentinel=sentinel, key=keys[2])
+    if not self.training:  # [caption, altered caption], or two empty strings
+      probe = ex[records.CONTRAST]
+      out["probe"] = tf.where(tf.size(probe) == 2, tf.concat([probe, ["", ""]], 0)[:2],
+                              tf.constant(["", ""]))
+    return out
 
   def _decode(self, x):
     """Decode only the chosen frames, crop (same window for all frames) and resize."""
@@ -254,8 +260,11 @@ class Loader:
       video = tf.cond(flip, lambda: tf.reverse(video, [2]), lambda: video)
     video = (video / 255.0 - tf.constant(CLIP_MEAN)) / tf.constant(CLIP_STD)
     video = tf.ensure_shape(video, [self.num_frames, size, size, 3])
-    return dict(video=video, video_id=x["video_id"], caption=x["caption"],
-                skipped=x["skipped"], sentinel=x["sentinel"])
+    out = dict(video=video, video_id=x["video_id"], caption=x["caption"],
+               skipped=x["skipped"], sentinel=x["sentinel"])
+    if "probe" in x:
+      out["probe"] = x["probe"]
+    return out
 
   # ------------------------------------------------------------------------------ python
   def __iter__(self):
@@ -293,8 +302,20 @@ class Loader:
                                     prob=float(self.cfg.mlm_prob))
     labels[~valid] = text.IGNORE_LABEL
     self.step += 1
-    return dict(video=video, text_ids=ids, text_mask=mask, mlm_ids=mlm_ids, mlm_labels=labels,
-                valid=valid, video_id=video_id)
+    batch = dict(video=video, text_ids=ids, text_mask=mask, mlm_ids=mlm_ids, mlm_labels=labels,
+                 valid=valid, video_id=video_id)
+    if "probe" in b:
+      batch.update(self._probes(b["probe"].numpy(), valid))
+    return batch
+
+  def _probes(self, probe: np.ndarray, valid: np.ndarray) -> dict[str, np.ndarray]:
+    """Tokenised contrast probes: `probe_ids`, `probe_mask` int32 [B, 2, L], `has_probe` [B]."""
+    probe = np.concatenate([probe, np.full((len(valid) - len(probe), 2), b"", object)])
+    has = valid & np.array([bool(p[0]) and bool(p[1]) for p in probe])
+    flat = [p.decode("utf-8", "replace") for p in probe.reshape(-1)]
+    ids, mask = text.tokenize(self.tokenizer, flat, self.max_text_len)
+    shape = (len(valid), 2, self.max_text_len)
+    return dict(probe_ids=ids.reshape(shape), probe_mask=mask.reshape(shape), has_probe=has)
 
   # ------------------------------------------------------------------------ checkpointing
   def save(self, path: str) -> None:

@@ -34,6 +34,8 @@ ANSWERS = "answer/string"
 ENTITIES = "entity/string"
 START = "clip/start/timestamp"
 END = "clip/end/timestamp"
+# Optional evaluation probe: [caption, the same caption with one detail changed] (bytes list).
+CONTRAST = "caption/contrast"
 FRAMES = "image/encoded"
 
 _FILE_RE = re.compile(r"^(?P<split>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.tfrecord$")
@@ -68,6 +70,7 @@ def clip_example(
     entities: Sequence[str] | None = None,
     start_us: int | None = None,
     end_us: int | None = None,
+    contrast: Sequence[str] | None = None,
     extra: Mapping[str, Sequence[bytes] | Sequence[int] | Sequence[float]] | None = None,
 ) -> tf.train.SequenceExample:
   """Builds one clip record.
@@ -78,6 +81,8 @@ def clip_example(
     captions: one or more captions (QA-only records may pass none).
     fps: frame rate the frames were sampled at.
     label_index, label_text: optional class label (action recognition).
+    contrast: optional evaluation probe [caption, the caption with one detail changed]; the
+      `retrieval/contrast_acc` metric counts how often a model prefers the first.
     questions, answers: optional aligned QA lists (same length).
     entities: optional entity nouns.
     start_us, end_us: optional clip boundaries within the source video, microseconds.
@@ -110,6 +115,10 @@ def clip_example(
     _set_ints(ctx, START, [start_us])
   if end_us is not None:
     _set_ints(ctx, END, [end_us])
+  if contrast:
+    if len(contrast) != 2:
+      raise ValueError(f"contrast must be [caption, altered caption], got {list(contrast)!r}")
+    _set_bytes(ctx, CONTRAST, contrast)
   for key, values in (extra or {}).items():
     if key in ctx.feature:
       raise ValueError(f"extra key {key!r} collides with a schema key")
@@ -228,10 +237,12 @@ _CONTEXT_SPEC = {
     ENTITIES: tf.io.RaggedFeature(tf.string),
     START: tf.io.FixedLenFeature([], tf.int64, default_value=-1),
     END: tf.io.FixedLenFeature([], tf.int64, default_value=-1),
+    CONTRAST: tf.io.RaggedFeature(tf.string),
 }
 CONTEXT_KEYS = tuple(_CONTEXT_SPEC)
 
 
+@tf.autograph.experimental.do_not_convert  # plain graph code; conversion only warns
 def parse_clip(serialized: tf.Tensor, *, context_keys: Sequence[str] | None = None,
                extra: Mapping[str, tf.dtypes.DType] | None = None) -> dict[str, tf.Tensor]:
   """Parses one serialised record inside tf.data (graph mode).

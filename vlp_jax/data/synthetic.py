@@ -321,6 +321,21 @@ def _render_job(args):
   return render_clip(*args)
 
 
+def contrast_probes(objects: list[dict]) -> list[str]:
+  """[caption, caption with the opposite motion] for one object with a directional motion.
+
+  Both use the same canonical wording, so they differ only in the direction ("moves to the
+  left" / "moves to the right", "grows" / "shrinks"): a model that ignores frame order scores
+  them alike. Other clips get no probe ([]).
+  """
+  if len(objects) != 1 or objects[0]["motion"] not in OPPOSITE:
+    return []
+  o = objects[0]
+  size = SIZE_WORDS[o["size"]][0]
+  noun = f"{_article(size)} {size} {o['colour']} {o['shape']}"
+  return [f"{noun} {MOTION_PHRASES[m][0][0]}" for m in (o["motion"], OPPOSITE[o["motion"]])]
+
+
 def clip_record(clip: dict, num_frames: int):
   """The `tf.train.SequenceExample` of a rendered clip (records schema)."""
   from vlp_jax.data import records  # lazy: keeps tensorflow out of worker processes
@@ -329,11 +344,12 @@ def clip_record(clip: dict, num_frames: int):
       clip["video_id"], clip["frames"], clip["captions"], FPS,
       label_index=clip["label_index"], label_text=clip["label_text"], entities=entities,
       start_us=0, end_us=int(round(num_frames / FPS * 1e6)),
+      contrast=contrast_probes(clip["objects"]),
       extra={"synthetic/attributes": [json.dumps(clip["objects"], sort_keys=True).encode()]})
 
 
 def _params(seed, counts, num_frames, image_size, num_shards) -> dict:
-  return dict(version=1, seed=int(seed), counts={k: int(v) for k, v in counts.items()},
+  return dict(version=2, seed=int(seed), counts={k: int(v) for k, v in counts.items()},
               num_frames=int(num_frames), image_size=int(image_size), num_shards=int(num_shards))
 
 

@@ -110,21 +110,36 @@ class ALPROTask:
 
   @functools.cached_property
   def _embed(self):
-    """Jitted (params, batch) -> (video_feat [B,E], text_feat [B,E]) float32."""
+    """Jitted (params, batch) -> dict of float32 features `video`, `text` [B,E], and, when the
+    batch has contrast probes, `probe` [B,2,E] with `has_probe` bool [B]."""
     def embed(params, batch):
       video = self._apply(params, ALPRO.encode_video, batch["video"])
       text = self._apply(params, ALPRO.encode_text, batch["text_ids"], batch["text_mask"])
-      return (self._apply(params, ALPRO.video_feature, video),
-              self._apply(params, ALPRO.text_feature, text))
+      out = {"video": self._apply(params, ALPRO.video_feature, video),
+             "text": self._apply(params, ALPRO.text_feature, text)}
+      if "probe_ids" in batch:
+        b, _, length = batch["probe_ids"].shape
+        probe = self._apply(params, ALPRO.encode_text, batch["probe_ids"].reshape(2 * b, length),
+                            batch["probe_mask"].reshape(2 * b, length))
+        out["probe"] = self._apply(params, ALPRO.text_feature, probe).reshape(b, 2, -1)
+        out["has_probe"] = batch["has_probe"]
+      return out
     return embed
 
   def evaluate(self, params, batches, mesh, rules) -> dict[str, float]:
     """Zero-shot retrieval over one pass of an eval loader (text i describes video i).
 
-    Returns metrics with the DESIGN.md keys (`retrieval/t2v_R@1`, ...).
+    Returns metrics with the DESIGN.md keys (`retrieval/t2v_R@1`, ...), plus
+    `retrieval/contrast_acc` (percent of clips whose video is closer to its probe caption than
+    to the altered one) when the split carries contrast probes.
     """
     from vlp_jax.eval import features, retrieval
-    vfeat, tfeat = features.collect(self._embed, params, batches, mesh, rules)
-    sim = features.similarity(tfeat, vfeat, mesh, rules)
-    out = retrieval.retrieval_metrics(sim, np.arange(sim.shape[0]))
-    return {f"retrieval/{k}": v for k, v in out.items()}
+    feats = features.collect(self._embed, params, batches, mesh, rules)
+    sim = features.similarity(feats["text"], feats["video"], mesh, rules)
+    out = {f"retrieval/{k}": v
+           for k, v in retrieval.retrieval_metrics(sim, np.arange(sim.shape[0])).items()}
+    if "probe" in feats and bool(jnp.any(feats["has_probe"])):
+      scores = jnp.einsum("be,bke->bk", feats["video"], feats["probe"])
+      right = (scores[:, 0] > scores[:, 1]) & feats["has_probe"]
+      out["retrieval/contrast_acc"] = float(100.0 * jnp.sum(right) / jnp.sum(feats["has_probe"]))
+    return out
