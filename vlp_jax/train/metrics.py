@@ -87,6 +87,8 @@ class Progress:
     if loss is not None:
       self.loss = loss
     now = time.time()
+    if step == self.start + 1:  # rate from the end of the first (compiling) step
+      self.start, self.t0 = step, now
     if not self.enabled or (now - self.last_draw < 0.5 and step < self.total):
       return
     self.last_draw = now
