@@ -67,3 +67,21 @@ def test_weight_decay_skips_biases():
   updates, _ = tx.update(zero, tx.init(params), params)
   np.testing.assert_allclose(updates["kernel"], -0.1 * 0.5 * np.ones((2, 2)), rtol=1e-6)
   np.testing.assert_allclose(updates["bias"], 0.0)
+
+
+def test_metric_writer_jsonl_and_progress(tmp_path, capsys):
+  from vlp_jax.train import metrics
+  w = metrics.MetricWriter(str(tmp_path))
+  w.write(3, "train", {"loss": np.float32(1.5), "loss/vtc": float("nan")})
+  w.write(3, "test", {"retrieval/t2v_R@1": 25.0})
+  w.close()
+  rows = metrics.read_metrics(str(tmp_path))
+  assert rows == [{"step": 3, "split": "train", "loss": 1.5, "loss/vtc": None},
+                  {"step": 3, "split": "test", "retrieval/t2v_R@1": 25.0}]
+  assert metrics.mean_metrics([{"a": 1.0}, {"a": jnp.float32(3.0)}]) == {"a": 2.0}
+  p = metrics.Progress(0, 10)
+  for s in range(1, 11):
+    p.update(s, 0.5 if s == 10 else None)
+  p.close()
+  line = capsys.readouterr().err.strip().split("\r")[-1]
+  assert "10/10" in line and "loss 0.5000" in line and " 0.00 steps/s" not in line

@@ -82,12 +82,14 @@ class Progress:
     self.last_draw = 0.0
     self.enabled = enabled and jax.process_index() == 0
     self.loss = float("nan")
+    self._compiled = False
 
   def update(self, step: int, loss: float | None = None) -> None:
     if loss is not None:
       self.loss = loss
     now = time.time()
-    if step == self.start + 1:  # rate from the end of the first (compiling) step
+    if not self._compiled:  # rate from the end of the first (compiling) step
+      self._compiled = True
       self.start, self.t0 = step, now
     if not self.enabled or (now - self.last_draw < 0.5 and step < self.total):
       return
