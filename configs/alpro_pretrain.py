@@ -103,7 +103,7 @@ def _tiny(c):
                        mlp_dim=64)
   c.model.text.update(hidden=32, layers=2, fusion_layer=1, heads=2, mlp_dim=64, max_position=64)
   c.model.embed_dim = 16
-  c.optim.update(lr=1e-3, warmup_frac=0.1)
+  c.optim.update(lr=3e-3, warmup_frac=0.1)
   c.batch_size = 8
   c.eval_batch_size = 8
   c.num_steps = 30

@@ -34,7 +34,7 @@ def _data_cfg(**kw):
 def corpus(tmp_path_factory):
   d = str(tmp_path_factory.mktemp("corpus"))
   synthetic.generate(d, seed=3, num_train=40, num_val=10, num_test=4, num_test_unseen=4,
-                     num_frames=4, image_size=SIZE, num_shards=4, workers=1)
+                     num_frames=4, image_size=SIZE, num_shards=4)
   return d
 
 

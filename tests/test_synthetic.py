@@ -28,15 +28,15 @@ def _clips(d, split):
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
   d = str(tmp_path_factory.mktemp("shapes"))
-  summary = synthetic.generate(d, seed=11, workers=1, **dict(SMALL, num_train=80))
+  summary = synthetic.generate(d, seed=11, **dict(SMALL, num_train=80))
   return d, summary
 
 
 def test_deterministic_byte_identical(tmp_path):
   a, b, c = (str(tmp_path / n) for n in "abc")
-  synthetic.generate(a, seed=4, workers=1, **SMALL)
-  synthetic.generate(b, seed=4, workers=2, **SMALL)  # process count must not matter
-  synthetic.generate(c, seed=5, workers=1, **SMALL)
+  synthetic.generate(a, seed=4, **SMALL)
+  synthetic.generate(b, seed=4, **SMALL)
+  synthetic.generate(c, seed=5, **SMALL)
   assert _files(a) == _files(b)
   assert "DONE" in _files(a) and "vocab.txt" in _files(a)
   for f in _files(a):

@@ -20,7 +20,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import multiprocessing
 import os
 import time
 from typing import Any
@@ -317,10 +316,6 @@ def render_clip(seed: int, split: str, index: int, num_frames: int, image_size: 
               objects=objects, label_index=MOTIONS.index(motion), label_text=LABEL_TEXT[motion])
 
 
-def _render_job(args):
-  return render_clip(*args)
-
-
 def contrast_probes(objects: list[dict]) -> list[str]:
   """[caption, caption with the opposite motion] for one object with a directional motion.
 
@@ -354,8 +349,7 @@ def _params(seed, counts, num_frames, image_size, num_shards) -> dict:
 
 
 def generate(out_dir: str, *, seed: int, num_train: int, num_val: int, num_test: int,
-             num_test_unseen: int, num_frames: int, image_size: int, num_shards: int,
-             workers: int = 1) -> dict:
+             num_test_unseen: int, num_frames: int, image_size: int, num_shards: int) -> dict:
   """Writes the corpus: all splits as TFRecord shards, `vocab.txt`, `synthetic.json`, `DONE`.
 
   `DONE` (the generation parameters as JSON) is written last, so an interrupted run is redone
@@ -368,7 +362,6 @@ def generate(out_dir: str, *, seed: int, num_train: int, num_val: int, num_test:
     num_frames: stored frames per clip.
     image_size: frame side in pixels.
     num_shards: files per split.
-    workers: rendering processes; 1 = in this process (the demo corpus takes ~20 s so).
 
   Returns:
     Summary dict: `dir`, `counts` per split, `heldout_pairs`, `vocab_size`, `seconds`.
@@ -396,21 +389,13 @@ def generate(out_dir: str, *, seed: int, num_train: int, num_val: int, num_test:
   for path in stale:  # e.g. a different num_shards last time: would be read as extra files
     os.remove(path)
 
-  # Forked workers only run numpy + Pillow; still, forking a process with live JAX/TF
-  # threads is risky, so callers that have started them should keep workers=1. (spawn and
-  # forkserver would re-import the caller's __main__, e.g. all of the trainer, per worker.)
-  pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
-  try:
-    for split, n in counts.items():
-      jobs = [(seed, split, i, num_frames, image_size, heldout) for i in range(n)]
-      clips = pool.imap(_render_job, jobs, chunksize=32) if pool else map(_render_job, jobs)
-      with records.ShardedWriter(out_dir, split, num_shards) as writer:
-        for clip in clips:  # imap keeps order: output independent of `workers`
-          writer.write(clip_record(clip, num_frames))
-  finally:
-    if pool is not None:
-      pool.close()
-      pool.join()
+  # In-process on purpose: the demo corpus takes ~20 s, and forking a process that already
+  # runs JAX / TF threads can deadlock.
+  for split, n in counts.items():
+    with records.ShardedWriter(out_dir, split, num_shards) as writer:
+      for i in range(n):
+        clip = render_clip(seed, split, i, num_frames, image_size, heldout)
+        writer.write(clip_record(clip, num_frames))
   vocab_size = tokenizer.write_vocab(os.path.join(out_dir, "vocab.txt"),
                                      tokenizer.synthetic_vocab_words())
   with open(done_path, "w") as f:
