@@ -7,6 +7,17 @@ import os
 from absl import flags, logging
 
 
+def define_run_flags(workdir_help: str) -> None:
+  """--config (FILE.py:PRESET[,k=v], with --config.a.b=v overrides), --workdir, distributed."""
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file("config", None,
+                                  "Config file and preset: FILE.py:PRESET[,k=v]",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, workdir_help)
+  flags.mark_flags_as_required(["config", "workdir"])
+  define_distributed_flags()
+
+
 def define_distributed_flags() -> None:
   flags.DEFINE_string("coordinator", None,
                       "host:port of process 0 for multi-process runs (jax.distributed).")

@@ -7,17 +7,12 @@ Metrics are printed and appended to WORKDIR/metrics.jsonl under each split's nam
 import json
 
 from absl import app, flags
-from ml_collections import config_flags
 
 from launch import common
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file and preset: FILE.py:PRESET[,k=v]",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "The run's directory (with checkpoints/).")
+common.define_run_flags("The run's directory (with checkpoints/).")
 flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).")
-flags.mark_flags_as_required(["config", "workdir"])
-common.define_distributed_flags()
 
 
 def main(argv):
