@@ -114,7 +114,7 @@ def _tiny(c):
 
 
 def _demo(c):
-  # Sized for 2 CPU cores: ~1.5 steps/s, under 15 minutes end to end (README figures).
+  # Sized for 2 CPU cores: ~1.5 steps/s, about 13 minutes end to end (README figures).
   c.data.synthetic.generate = True
   c.data.synthetic.image_size = 40
   # headtail (frames 0, 2, 5, 7 of 8) is symmetric in time: a reversed clip yields the same
@@ -129,10 +129,10 @@ def _demo(c):
   c.optim.update(lr=1e-3, warmup_frac=0.05)
   c.batch_size = 32
   c.eval_batch_size = 64
-  c.num_steps = 1200
+  c.num_steps = 1000
   c.log_every = 50
-  c.eval_every = 600
-  c.ckpt_every = 600
+  c.eval_every = 500
+  c.ckpt_every = 500
 
 
 def _base(c):
