@@ -9,7 +9,6 @@ import os
 from typing import Any
 
 import jax
-from absl import logging
 from jax.experimental import multihost_utils
 
 

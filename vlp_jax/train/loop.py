@@ -5,7 +5,6 @@ loss and the evaluation.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any
