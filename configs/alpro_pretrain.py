@@ -61,6 +61,12 @@ def base() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"             # compute dtype; params stay float32
   c.model.remat = "none"                # none | full | dots | dots_no_batch
 
+  # Initial weights (applied after the fresh init, before any resume from WORKDIR's own
+  # checkpoints). `checkpoint`: another run's WORKDIR, its params copied where names and shapes
+  # match (e.g. pre-training -> fine-tuning); `step` -1 = its latest. `text` / `video`:
+  # "hf:DIR" = a local transformers checkpoint directory (see vlp_jax/convert/hf.py).
+  c.init = ml_collections.ConfigDict(dict(checkpoint="", step=-1, text="", video=""))
+
   c.loss = ml_collections.ConfigDict(dict(vtc=1.0, vtm=1.0, mlm=1.0))
 
   c.optim = ml_collections.ConfigDict(dict(

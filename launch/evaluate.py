@@ -2,6 +2,9 @@
 
   python -m launch.evaluate --config=configs/alpro_pretrain.py:demo --workdir=runs/demo [--step=N]
 
+Zero-shot evaluation of another run's weights: a WORKDIR without checkpoints plus
+`--config.init.checkpoint=PRETRAIN_WORKDIR` (logged as step 0).
+
 Metrics are printed and appended to WORKDIR/metrics.jsonl under each split's name.
 """
 import json
@@ -22,7 +25,15 @@ def main(argv):
   run = loop.Run(FLAGS.config, FLAGS.workdir)
   step = run.restore(step=FLAGS.step)
   if step is None:
-    raise app.UsageError(f"no checkpoint in {run.checkpointer.manager.directory}")
+    # Zero-shot: a run of its own with no checkpoint evaluates the weights `config.init`
+    # names (e.g. init.checkpoint = a pre-training WORKDIR).
+    init = FLAGS.config.get("init")
+    if FLAGS.step is not None or init is None or not any(
+        init.get(k, "") for k in ("checkpoint", "text", "video")):
+      raise app.UsageError(f"no checkpoint in {run.checkpointer.manager.directory} and no "
+                           "config.init.checkpoint / init.text / init.video to evaluate")
+    run.apply_init()
+    step = 0
   writer = metrics.MetricWriter(run.workdir, tensorboard=False)
   results = run.evaluate(step, writer)
   run.checkpointer.close()

@@ -6,7 +6,6 @@ import pytest
 from configs import alpro_pretrain
 from vlp_jax.parallel import sharding as shd
 from vlp_jax.train import loop
-from vlp_jax.train import step as step_lib
 
 
 def _random_config(**mesh):
@@ -22,12 +21,10 @@ def _two_steps(tmp_path, devices, mesh):
   run = loop.Run(config, str(tmp_path), devices=devices)
   from vlp_jax.data import setup
   loader = setup.train_loader(config, None, run.text, run.batch_per_process)
-  step_fn = step_lib.jit_train_step(
-      step_lib.make_train_step(run.task.loss, run.tx, run.schedule), run.shardings, run.mesh,
-      run.rules)
+  step_fn = run.train_step()
   state, losses = run.state, []
   for _ in range(2):
-    batch = shd.host_to_global(next(loader), run.mesh, run.rules, keys=loop.DEVICE_KEYS)
+    batch = shd.host_to_global(next(loader), run.mesh, run.rules, keys=run.device_keys)
     state, metrics = step_fn(state, batch)
     losses.append({k: float(v) for k, v in jax.device_get(metrics).items()})
   return losses, jax.device_get(state.params), state

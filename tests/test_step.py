@@ -9,9 +9,10 @@ from vlp_jax.train import optim
 from vlp_jax.train import step as step_lib
 
 
-def _regression(params, batch, rng, train):
+def _regression(params, batch, rng, train, frozen=None):
   del rng, train
-  pred = batch["x"] @ params["w"] + params["b"]
+  offset = 0.0 if frozen is None else frozen["offset"]
+  pred = batch["x"] @ params["w"] + params["b"] + offset
   loss = jnp.mean((pred - batch["y"]) ** 2)
   return loss, {"loss/mse": loss}
 
@@ -36,6 +37,25 @@ def test_grad_accumulation_equals_full_batch():
   assert int(acc.step) == 1 and bool(m_acc["finite"])
   # The update really moved the params (a no-op step would also "match").
   assert not np.allclose(full.params["w"], 1.0)
+
+
+def test_frozen_params_are_read_but_not_trained():
+  rng = np.random.default_rng(1)
+  batch = {"x": rng.normal(size=(8, 3)).astype(np.float32),
+           "y": rng.normal(size=(8, 2)).astype(np.float32)}
+  tx = optax.adam(0.1)
+  frozen = {"offset": jnp.asarray([2.0, -1.0])}
+  step = jax.jit(step_lib.make_train_step(_regression, tx, lambda s: 0.1, 2))
+  state, m = step(_state(tx), batch, frozen)
+  # The loss saw the offset: same value as a loss with it folded into the targets.
+  shifted = dict(batch, y=batch["y"] - np.asarray([2.0, -1.0], np.float32))
+  ref, m_ref = step(_state(tx), shifted)
+  assert float(m["loss"]) == pytest.approx(float(m_ref["loss"]), rel=1e-6)
+  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+  # No optimizer state for it, and the optimizer state matches the trainable params only.
+  assert jax.tree.structure(state.opt_state) == jax.tree.structure(tx.init(state.params))
+  assert "offset" not in str(jax.tree_util.tree_structure(state.opt_state))
 
 
 def test_micro_batches_are_strided():

@@ -18,12 +18,14 @@ from vlp_jax.data import setup as data_setup
 from vlp_jax.parallel import mesh as mesh_lib
 from vlp_jax.parallel import sharding as shd
 from vlp_jax.train import checkpoint as ckpt_lib
+from vlp_jax.train import init as init_lib
 from vlp_jax.train import metrics as metrics_lib
 from vlp_jax.train import optim
 from vlp_jax.train import step as step_lib
 from vlp_jax.train.tasks import get_task
 
-# Arrays of a host batch that go to the devices; ids and strings stay on the host.
+# Arrays of a host batch that go to the devices unless the task names its own
+# (`task.device_keys`); ids and strings stay on the host.
 DEVICE_KEYS = ("video", "text_ids", "text_mask", "mlm_ids", "mlm_labels", "valid")
 
 
@@ -45,7 +47,7 @@ class Run:
       self.data_dir = data_setup.resolve_dir(config, self.workdir)
       with config.unlocked():
         config.data.dir = self.data_dir
-    self.text = data_setup.text_info(config, self.data_dir)
+    self.text = data_setup.text_info(config, self.data_dir, self.workdir)
     self.task = get_task(config, self.text.vocab_size)
     self.tx, self.schedule = optim.make_optimizer(config.optim, config.num_steps)
     self.batch_per_process = shd.batch_size_per_process(config.batch_size, self.mesh, self.rules)
@@ -56,6 +58,31 @@ class Run:
     self.state, self.shardings = step_lib.create_sharded_state(
         self.task.init_params, self.tx, jax.random.PRNGKey(config.seed), self.mesh, self.rules)
     self.checkpointer = ckpt_lib.Checkpointer(self.workdir, keep=config.keep_ckpts)
+    self.device_keys = tuple(getattr(self.task, "device_keys", DEVICE_KEYS))
+    # Parameters the loss reads but never trains (PEM's prompter): a separate sharded pytree.
+    frozen = None
+    if hasattr(self.task, "frozen_params"):
+      frozen = self.task.frozen_params(self.mesh, self.rules)
+    self.frozen, self.frozen_shardings = frozen if frozen is not None else (None, None)
+
+  def apply_init(self) -> None:
+    """Applies `config.init` (another run's params, transformers checkpoints) to the state.
+
+    Call it only for a run that does not resume from its own checkpoint.
+    """
+    init = self.config.get("init")
+    if init is None or not any(init.get(k, "") for k in ("checkpoint", "text", "video")):
+      return
+    model_config = getattr(getattr(self.task, "model", None), "config", None)
+    params = init_lib.apply_init(init, self.state.params, self.shardings.params, model_config)
+    self.state = self.state.replace(params=params)
+
+  def train_step(self):
+    """The jitted `(state, batch) -> (state, metrics)` of this run (frozen params bound)."""
+    step_fn = step_lib.make_train_step(self.task.loss, self.tx, self.schedule,
+                                       int(self.config.optim.grad_accum))
+    return step_lib.jit_train_step(step_fn, self.shardings, self.mesh, self.rules,
+                                   self.frozen, self.frozen_shardings)
 
   def abstract_state(self) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -79,7 +106,8 @@ class Run:
     for split in data_setup.eval_splits(self.config):
       t0 = time.time()
       loader = data_setup.eval_loader(self.config, self.data_dir, split, self.text, per_process)
-      m = self.task.evaluate(self.state.params, loader, self.mesh, self.rules)
+      kwargs = {} if self.frozen is None else {"frozen": self.frozen}
+      m = self.task.evaluate(self.state.params, loader, self.mesh, self.rules, **kwargs)
       m["eval_seconds"] = time.time() - t0
       results[split] = writer.write(step, split, m)
       logging.info("step %d %s: %s", step, split,
@@ -122,9 +150,9 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> dict:
   step = 0 if start is None else start
   if start is not None:
     logging.info("resumed from %s at step %d", run.checkpointer.manager.directory, start)
-  step_fn = step_lib.jit_train_step(
-      step_lib.make_train_step(run.task.loss, run.tx, run.schedule, int(config.optim.grad_accum)),
-      run.shardings, run.mesh, run.rules)
+  else:
+    run.apply_init()
+  step_fn = run.train_step()
   writer = metrics_lib.MetricWriter(run.workdir)
   progress = metrics_lib.Progress(step, config.num_steps, enabled=config.progress)
   results: dict[str, dict] = {}
@@ -134,7 +162,7 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> dict:
   try:
     while step < config.num_steps:
       host = next(batches)
-      batch = shd.host_to_global(host, run.mesh, run.rules, keys=DEVICE_KEYS)
+      batch = shd.host_to_global(host, run.mesh, run.rules, keys=run.device_keys)
       run.state, metrics = step_fn(run.state, batch)
       step += 1
       steps_since_log += 1

@@ -11,8 +11,9 @@ import optax
 
 from vlp_jax.parallel import sharding as shd
 
-# (params, batch, rng, train) -> (scalar loss, metrics dict of scalars)
-LossFn = Callable[[Any, dict, jax.Array, bool], tuple[jax.Array, dict]]
+# (params, batch, rng, train, frozen) -> (scalar loss, metrics dict of scalars). `frozen` is a
+# pytree of parameters the loss reads but never trains (e.g. PEM's prompter), or None.
+LossFn = Callable[[Any, dict, jax.Array, bool, Any], tuple[jax.Array, dict]]
 
 
 @flax.struct.dataclass
@@ -68,26 +69,29 @@ def _split_micro(batch: dict, accum: int) -> dict:
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule,
                     grad_accum: int = 1) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-  """Returns `step(state, batch) -> (state, metrics)`; jit it with shardings (see `jit_train_step`).
+  """Returns `step(state, batch, frozen) -> (state, metrics)`; jit it with `jit_train_step`.
+
+  `frozen` (a pytree or None) is passed to the loss unchanged: it is not differentiated and has
+  no optimizer state.
 
   Metrics: the task's metrics averaged over micro-batches, plus `grad_norm`, `lr` and `finite`
   (loss, gradient norm and update norm are finite).
   """
-  def grads_of(params, batch, rng):
+  def grads_of(params, batch, rng, frozen):
     (loss, metrics), grads = jax.value_and_grad(
-        lambda p: loss_fn(p, batch, rng, True), has_aux=True)(params)
+        lambda p: loss_fn(p, batch, rng, True, frozen), has_aux=True)(params)
     return grads, dict(metrics, loss=loss)
 
-  def step(state: TrainState, batch: dict):
+  def step(state: TrainState, batch: dict, frozen: Any = None):
     rng = jax.random.fold_in(state.rng, state.step)
     if grad_accum == 1:
-      grads, metrics = grads_of(state.params, batch, rng)
+      grads, metrics = grads_of(state.params, batch, rng, frozen)
     else:
       micro = _split_micro(batch, grad_accum)
 
       def body(carry, xs):
         acc, i = carry
-        g, m = grads_of(state.params, xs, jax.random.fold_in(rng, i))
+        g, m = grads_of(state.params, xs, jax.random.fold_in(rng, i), frozen)
         return (jax.tree.map(jnp.add, acc, g), i + 1), m
 
       zeros = jax.tree.map(jnp.zeros_like, state.params)
@@ -108,13 +112,18 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule,
   return step
 
 
-def jit_train_step(step_fn, state_shardings, mesh, rules):
-  """Jits the step with state in/out shardings, batch sharded on `batch`, state donated."""
+def jit_train_step(step_fn, state_shardings, mesh, rules, frozen=None, frozen_shardings=None):
+  """Jits the step with state in/out shardings, batch sharded on `batch`, state donated.
+
+  Returns `run(state, batch) -> (state, metrics)`; the `frozen` pytree (sharded as
+  `frozen_shardings`) is bound here and passed to every step as an argument, not a constant.
+  """
   batch_shd = shd.batch_sharding(mesh, rules)  # a prefix: every batch leaf splits on dim 0
-  jitted = jax.jit(step_fn, in_shardings=(state_shardings, batch_shd),
+  frozen_shd = shd.replicated(mesh) if frozen is None else frozen_shardings
+  jitted = jax.jit(step_fn, in_shardings=(state_shardings, batch_shd, frozen_shd),
                    out_shardings=(state_shardings, shd.replicated(mesh)), donate_argnums=(0,))
 
   def run(state, batch):
     with shd.activate(mesh, rules):
-      return jitted(state, batch)
+      return jitted(state, batch, frozen)
   return run
