@@ -154,16 +154,21 @@ class ShardedWriter:
         w.write(ex)
   """
 
-  def __init__(self, out_dir: str, split: str, num_shards: int):
+  def __init__(self, out_dir: str, split: str, num_shards: int,
+               shards: Sequence[int] | None = None):
     if num_shards < 1:
       raise ValueError(f"num_shards must be >= 1, got {num_shards}")
     if not split or os.sep in split:
       raise ValueError(f"bad split name {split!r}")
+    # `shards`: write only these shard indices (round-robin among them), e.g. one at a time
+    # when shards are produced independently and a rerun skips the finished ones.
+    indices = list(range(num_shards)) if shards is None else [int(i) for i in shards]
+    if not indices or any(not 0 <= i < num_shards for i in indices):
+      raise ValueError(f"shards must be a non-empty subset of range({num_shards}), got {shards}")
     self.out_dir = out_dir
     self.split = split
     self.num_shards = num_shards
-    self.paths = [os.path.join(out_dir, shard_name(split, i, num_shards))
-                  for i in range(num_shards)]
+    self.paths = [os.path.join(out_dir, shard_name(split, i, num_shards)) for i in indices]
     self._tmp = [p + ".tmp" for p in self.paths]
     self._writers = None
     self.count = 0
@@ -178,7 +183,7 @@ class ShardedWriter:
     if self._writers is None:
       raise RuntimeError("ShardedWriter.write outside its `with` block")
     data = example if isinstance(example, bytes) else example.SerializeToString()
-    self._writers[self.count % self.num_shards].write(data)
+    self._writers[self.count % len(self._writers)].write(data)
     self.count += 1
 
   def __exit__(self, exc_type, exc, tb) -> None:

@@ -4,6 +4,7 @@ Everything is local: the tokenizer is built from a `vocab.txt`, never from the h
 """
 from __future__ import annotations
 
+import collections
 import os
 import string
 from typing import Iterable
@@ -47,6 +48,30 @@ def write_vocab(path: str, words: Iterable[str]) -> int:
     f.write("\n".join(tokens) + "\n")
   os.replace(tmp, path)
   return len(tokens)
+
+
+def vocab_words(texts: Iterable[str], max_words: int | None = None,
+                min_count: int = 1) -> list[str]:
+  """The words of `texts` as the BERT tokenizer splits them before WordPiece, for `write_vocab`.
+
+  Splitting: lowercased, accents stripped, split at whitespace and punctuation (each
+  punctuation character is a word). Words longer than 100 characters are dropped (BERT turns
+  them into [UNK] anyway).
+
+  Returns:
+    Distinct words seen at least `min_count` times, most frequent first (ties alphabetical),
+    at most `max_words` of them.
+  """
+  from tokenizers import normalizers, pre_tokenizers  # lazy: not needed by every user
+  norm = normalizers.BertNormalizer(lowercase=True, strip_accents=True, clean_text=True,
+                                    handle_chinese_chars=True)
+  pre = pre_tokenizers.BertPreTokenizer()
+  counts = collections.Counter()
+  for t in texts:
+    counts.update(w for w, _ in pre.pre_tokenize_str(norm.normalize_str(t)) if len(w) <= 100)
+  words = sorted((w for w, c in counts.items() if c >= min_count),
+                 key=lambda w: (-counts[w], w))
+  return words if max_words is None else words[:max_words]
 
 
 def load_tokenizer(vocab_path: str):
