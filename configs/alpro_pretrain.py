@@ -1,10 +1,16 @@
-"""ALPRO video-language pre-training: VTC + VTM + MLM.
+"""ALPRO video-language pre-training: VTC + VTM + MLM + PEM, on mixed video and image batches.
 
   python -m launch.train --config=configs/alpro_pretrain.py:demo --workdir=runs/demo
 
 Presets: `tiny` (unit tests, seconds), `demo` (README main job, minutes on 2 CPU cores, on the
 synthetic "moving shapes" corpus generated into WORKDIR/data), `base` (paper sizes: TimeSformer-B/16
 + bert-base, 4 frames, 224 px, batch 256; set `data.dir` and `data.vocab` to real data).
+
+PEM's teacher is a prompter: the same model trained with VTC only (configs/alpro_prompter.py).
+With `pem.prompter` = "" the run trains it into WORKDIR/prompter first (`pem.prompter_steps`,
+logged) unless it is already there; or point `pem.prompter` at a prompter run's WORKDIR.
+Entities: `pem.entities` ("" = DATA_DIR/entities.txt, which the synthetic corpus writes; build
+one for real data with `python -m launch.entities`).
 """
 import ml_collections
 
@@ -35,6 +41,12 @@ def base() -> ml_collections.ConfigDict:
   c.data.shuffle_buffer = 1024
   c.data.num_parallel_calls = -1        # -1 = tf.data.AUTOTUNE
   c.data.prefetch = 2
+  # Mixed video + image-text training (ALPRO: WebVid + CC3M, 50/50): each step is, with
+  # probability `image_ratio`, a batch of still images (one-frame clips, repeated to
+  # num_frames) from split `image_split` of `image_dir` ("" = the data dir). 0 = video only.
+  c.data.image_ratio = 0.5
+  c.data.image_dir = ""
+  c.data.image_split = "images"
   c.data.synthetic = ml_collections.ConfigDict()
   c.data.synthetic.generate = False
   c.data.synthetic.seed = 0
@@ -42,6 +54,7 @@ def base() -> ml_collections.ConfigDict:
   c.data.synthetic.num_val = 256
   c.data.synthetic.num_test = 256
   c.data.synthetic.num_test_unseen = 256
+  c.data.synthetic.num_images = 2048    # split `images`: still shapes, captions without motion
   c.data.synthetic.num_frames = 8       # stored frames per clip; the pipeline samples num_frames
   c.data.synthetic.image_size = 64
   c.data.synthetic.num_shards = 4
@@ -67,7 +80,20 @@ def base() -> ml_collections.ConfigDict:
   # "hf:DIR" = a local transformers checkpoint directory (see vlp_jax/convert/hf.py).
   c.init = ml_collections.ConfigDict(dict(checkpoint="", step=-1, text="", video=""))
 
-  c.loss = ml_collections.ConfigDict(dict(vtc=1.0, vtm=1.0, mlm=1.0))
+  c.loss = ml_collections.ConfigDict(dict(vtc=1.0, vtm=1.0, mlm=1.0, pem=1.0))
+
+  # Prompting entity modelling (used when loss.pem > 0).
+  c.pem = ml_collections.ConfigDict(dict(
+      prompter="",             # a prompter run's WORKDIR; "" = WORKDIR/prompter (trained first)
+      step=-1,                 # its checkpoint step, -1 = latest
+      prompter_steps=100_000,  # training steps of the prompter stage (alpro_prompter.py)
+      prompter_ckpt_every=1000,  # its checkpoint interval
+      entities="",             # one entity per line; "" = DATA_DIR/entities.txt
+      num_entities=1000,       # K: the first K entities of the file
+      threshold=0.2,           # drop labels whose top probability is below this
+      area=(0.3, 0.5),         # region area, fraction of the frame
+      aspect=(0.3, 1 / 0.3),   # region height / width
+  ))
 
   c.optim = ml_collections.ConfigDict(dict(
       lr=1e-4, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.01, warmup_frac=0.05, end_lr_frac=0.0,
@@ -78,6 +104,8 @@ def base() -> ml_collections.ConfigDict:
   c.log_every = 50
   c.eval_every = 5000                   # 0 = only at the end
   c.eval_batch_size = 256
+  # Retrieval eval: re-rank each query's top-k by VTC sim + VTM logit (0 = VTC ranks only).
+  c.eval_rerank_k = 0
   c.ckpt_every = 1000
   c.keep_ckpts = 3
   c.progress = True
@@ -103,7 +131,7 @@ def base() -> ml_collections.ConfigDict:
 def _tiny(c):
   c.data.synthetic.generate = True
   c.data.synthetic.update(num_train=64, num_val=16, num_test=16, num_test_unseen=16,
-                          num_frames=4, image_size=32, num_shards=2)
+                          num_frames=4, image_size=32, num_shards=2, num_images=32)
   c.data.update(num_frames=2, image_size=32, shuffle_buffer=64, max_text_len=16)
   c.model.video.update(image_size=32, patch_size=16, num_frames=2, hidden=32, layers=2, heads=2,
                        mlp_dim=64)
@@ -117,6 +145,8 @@ def _tiny(c):
   c.eval_every = 0
   c.ckpt_every = 10
   c.progress = False
+  # The 8 shape nouns of entities.txt; the prompter saves once (at its last step).
+  c.pem.update(num_entities=8, prompter_steps=10, prompter_ckpt_every=10)
 
 
 def _demo(c):
@@ -139,6 +169,7 @@ def _demo(c):
   c.log_every = 50
   c.eval_every = 500
   c.ckpt_every = 500
+  c.pem.update(num_entities=8, prompter_steps=400, prompter_ckpt_every=400)
 
 
 def _base(c):

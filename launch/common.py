@@ -36,8 +36,11 @@ class _QuietLibraries(logging_std.Filter):
     return record.levelno >= logging_std.WARNING or not noisy
 
 
-def setup(FLAGS) -> None:
-  """Hides GPUs/TPUs from TensorFlow, initialises jax.distributed, logs the topology."""
+def setup(FLAGS, tensorflow: bool = True) -> None:
+  """Hides GPUs/TPUs from TensorFlow, initialises jax.distributed, logs the topology.
+
+  `tensorflow=False` for entry points that read no data (TensorFlow is then not imported).
+  """
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   logging.get_absl_handler().addFilter(_QuietLibraries())
   import jax
@@ -45,12 +48,13 @@ def setup(FLAGS) -> None:
     jax.distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
   elif FLAGS.distributed:
     jax.distributed.initialize()
-  try:
-    import tensorflow as tf  # the input pipeline must not claim accelerator memory
-    tf.config.set_visible_devices([], "GPU")
-    tf.config.set_visible_devices([], "TPU")
-  except (ImportError, RuntimeError, ValueError):
-    pass
+  if tensorflow:
+    try:
+      import tensorflow as tf  # the input pipeline must not claim accelerator memory
+      tf.config.set_visible_devices([], "GPU")
+      tf.config.set_visible_devices([], "TPU")
+    except (ImportError, RuntimeError, ValueError):
+      pass
   logging.info("process %d/%d, %d local / %d global devices (%s)", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)

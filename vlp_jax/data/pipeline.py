@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from vlp_jax.data import answers as answers_lib
 from vlp_jax.data import records, text
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -90,6 +91,11 @@ class Loader:
   Training: infinite, shuffled, random caption per clip. Eval: one deterministic pass, first
   caption per clip, the last batch padded to `batch_size` with valid=False rows.
 
+  Video QA (`answer_vocab` given): the text is a question instead of a caption, and batches
+  also hold `answer_idx` int32 [B] (index in `answer_vocab`, -1 when out of vocabulary and on
+  padding rows). Training draws one random question per clip visit (clips without questions
+  are passed over); eval yields one example per (clip, question), in record order.
+
   Args:
     data_cfg: `config.data` (dir, train_sampling, eval_sampling, crop_scale, flip,
       max_text_len, mlm_prob, shuffle_buffer, num_parallel_calls, prefetch).
@@ -101,6 +107,7 @@ class Loader:
     num_frames, image_size: T and H = W of the output video.
     process_index, process_count: this process reads files[process_index::process_count].
     data_dir: overrides `data_cfg.dir` (e.g. the resolved `WORKDIR/data`).
+    answer_vocab: the QA answer vocabulary (answers.load_or_build); None = captions.
 
   Attributes:
     files: this process's shard files.
@@ -110,7 +117,8 @@ class Loader:
 
   def __init__(self, data_cfg, split: str, *, batch_size: int, training: bool, seed: int,
                tokenizer, num_frames: int, image_size: int, process_index: int = 0,
-               process_count: int = 1, data_dir: str | None = None):
+               process_count: int = 1, data_dir: str | None = None,
+               answer_vocab: list[str] | None = None):
     self.cfg = data_cfg
     self.split = split
     self.batch_size = int(batch_size)
@@ -122,6 +130,8 @@ class Loader:
     self.process_index = int(process_index)
     self.process_count = int(process_count)
     self.max_text_len = int(data_cfg.max_text_len)
+    self.qa = answer_vocab is not None
+    self.answer_index = {a: i for i, a in enumerate(answer_vocab or ())}
     self.sampling = data_cfg.train_sampling if training else data_cfg.eval_sampling
     if self.sampling not in SAMPLING_MODES:
       raise ValueError(f"frame sampling {self.sampling!r} not in {SAMPLING_MODES}")
@@ -180,8 +190,10 @@ class Loader:
       total += tf.cast(~x["ok"] & ~x["sentinel"], tf.int64)
       return total, dict(x, skipped=total)
     ds = ds.scan(tf.constant(0, tf.int64), count)
-    ds = ds.filter(lambda x: x["ok"] | x["sentinel"])
+    ds = ds.filter(lambda x: (x["ok"] & x["has_text"]) | x["sentinel"])
     ds = ds.map(self._decode, num_parallel_calls=npc, deterministic=True)
+    if self.qa and not self.training:
+      ds = ds.flat_map(self._per_question)
     ds = ds.ignore_errors(log_warning=True)  # last defence: a JPEG that passed the checks
     ds = ds.batch(self.batch_size, drop_remainder=self.training)
     ds = ds.prefetch(int(cfg.prefetch))
@@ -198,8 +210,11 @@ class Loader:
     """Parse, choose frame indices and caption, check the chosen JPEGs (no decoding)."""
     serialized, sentinel = pair
     keys = (records.VIDEO_ID, records.NUM_FRAMES, records.CAPTIONS)
-    ex = records.parse_clip(serialized, context_keys=keys + (() if self.training
-                                                             else (records.CONTRAST,)))
+    if self.qa:
+      keys += (records.QUESTIONS, records.ANSWERS)
+    elif not self.training:
+      keys += (records.CONTRAST,)
+    ex = records.parse_clip(serialized, context_keys=keys)
     frames = ex[records.FRAMES]
     stored = tf.shape(frames, out_type=tf.int32)[0]
     declared = tf.cast(ex[records.NUM_FRAMES], tf.int32)
@@ -221,8 +236,22 @@ class Loader:
       pick = 0
     caption = tf.concat([captions, [""]], 0)[pick]  # no caption: empty text
     out = dict(video_id=ex[records.VIDEO_ID], caption=caption, jpegs=jpegs,
-               frame_pos=frame_pos, ok=ok, sentinel=sentinel, key=keys[2])
-    if not self.training:  # [caption, altered caption], or two empty strings
+               frame_pos=frame_pos, ok=ok, sentinel=sentinel, key=keys[2],
+               has_text=tf.constant(True))
+    if self.qa:
+      # Aligned lists; a malformed record with more questions than answers keeps the prefix.
+      num_qa = tf.minimum(tf.size(ex[records.QUESTIONS]), tf.size(ex[records.ANSWERS]))
+      questions = ex[records.QUESTIONS][:num_qa]
+      answers = ex[records.ANSWERS][:num_qa]
+      out["has_text"] = num_qa > 0
+      if self.training:  # one random question per visit, like captions
+        q = tf.random.stateless_uniform([], seed=keys[1], minval=0,
+                                        maxval=tf.maximum(num_qa, 1), dtype=tf.int32)
+        out["caption"] = tf.concat([questions, [""]], 0)[q]
+        out["answer"] = tf.concat([answers, [""]], 0)[q]
+      else:
+        out["questions"], out["answers"] = questions, answers
+    elif not self.training:  # [caption, altered caption], or two empty strings
       probe = ex[records.CONTRAST]
       out["probe"] = tf.where(tf.size(probe) == 2, tf.concat([probe, ["", ""]], 0)[:2],
                               tf.constant(["", ""]))
@@ -262,9 +291,19 @@ class Loader:
     video = tf.ensure_shape(video, [self.num_frames, size, size, 3])
     out = dict(video=video, video_id=x["video_id"], caption=x["caption"],
                skipped=x["skipped"], sentinel=x["sentinel"])
-    if "probe" in x:
-      out["probe"] = x["probe"]
+    for k in ("probe", "answer", "questions", "answers"):
+      if k in x:
+        out[k] = x[k]
     return out
+
+  @staticmethod
+  def _per_question(x):
+    """One eval element per question of a clip (the end marker stays a single element)."""
+    questions = tf.cond(x["sentinel"], lambda: tf.constant([""]), lambda: x["questions"])
+    answers = tf.cond(x["sentinel"], lambda: tf.constant([""]), lambda: x["answers"])
+    clip = {k: v for k, v in x.items() if k not in ("questions", "answers", "caption")}
+    return tf.data.Dataset.from_tensor_slices((questions, answers)).map(
+        lambda q, a: dict(clip, caption=q, answer=a))
 
   # ------------------------------------------------------------------------------ python
   def __iter__(self):
@@ -304,6 +343,10 @@ class Loader:
     self.step += 1
     batch = dict(video=video, text_ids=ids, text_mask=mask, mlm_ids=mlm_ids, mlm_labels=labels,
                  valid=valid, video_id=video_id)
+    if self.qa:
+      answer = np.concatenate([b["answer"].numpy(), np.full(pad, b"", object)])
+      idx = answers_lib.indices(answer, self.answer_index)
+      batch["answer_idx"] = np.where(valid, idx, answers_lib.OOV).astype(np.int32)
     if "probe" in b:
       batch.update(self._probes(b["probe"].numpy(), valid))
     return batch

@@ -35,14 +35,20 @@ def resolve_dir(config, workdir: str) -> str:
 
 
 class TextInfo:
-  """Tokenizer (None for random data) and the vocabulary facts the model and masking need."""
+  """Tokenizer (None for random data) and the vocabulary facts the model and masking need.
 
-  def __init__(self, tokenizer: Any, vocab_size: int):
+  `answers`: the video-QA answer vocabulary (list of str), None for caption tasks.
+  """
+
+  def __init__(self, tokenizer: Any, vocab_size: int, answers: list[str] | None = None):
     self.tokenizer = tokenizer
     self.vocab_size = vocab_size
+    self.answers = answers
 
 
-def text_info(config, data_dir: str | None) -> TextInfo:
+def text_info(config, data_dir: str | None, workdir: str | None = None) -> TextInfo:
+  """Tokenizer, and for video QA (`config.model.num_answers` > 0) the answer vocabulary:
+  `WORKDIR/answers.json`, built from `data.train_split` on first use."""
   if config.data.source == "random":
     size = int(config.model.text.vocab_size)
     if size <= 0:
@@ -51,25 +57,53 @@ def text_info(config, data_dir: str | None) -> TextInfo:
   from vlp_jax.data import tokenizer as tok
   vocab = config.data.vocab or os.path.join(data_dir, "vocab.txt")
   t = tok.load_tokenizer(vocab)
-  return TextInfo(t, len(t))
+  answers = None
+  k = int(config.model.get("num_answers", 0))
+  if k > 0:
+    if workdir is None:
+      raise ValueError("a QA config (model.num_answers > 0) needs the run's workdir for "
+                       "answers.json")
+    from vlp_jax.data import answers as answers_lib
+    answers = answers_lib.load_or_build(workdir, data_dir, config.data.train_split, k,
+                                        write=jax.process_index() == 0)
+  return TextInfo(t, len(t), answers)
 
 
 def train_loader(config, data_dir: str | None, text: TextInfo, batch_per_process: int):
-  """Infinite host-local batches for training (this process's rows of each global batch)."""
+  """Infinite host-local batches for training (this process's rows of each global batch).
+
+  With `data.image_ratio` > 0, each step is instead, with that probability, a batch of the
+  still images of split `data.image_split` in `data.image_dir` ("" = the data directory):
+  a `mixture.MixtureLoader`, whose batches also carry `is_image` bool [B].
+  """
+  d = config.data
+  video = _train_loader(config, data_dir, d.train_split, text, batch_per_process, config.seed)
+  ratio = float(d.get("image_ratio", 0.0))
+  if ratio <= 0.0:
+    return video
+  from vlp_jax.data import mixture
+  image_dir = os.path.abspath(d.image_dir) if d.get("image_dir", "") else data_dir
+  # Another seed: the two loaders' shuffles and MLM masks are independent.
+  image = _train_loader(config, image_dir, d.image_split, text, batch_per_process,
+                        config.seed + 1)
+  return mixture.MixtureLoader(video, image, ratio, config.seed)
+
+
+def _train_loader(config, data_dir, split, text, batch_per_process, seed):
   d = config.data
   if d.source == "random":
     from vlp_jax.data.random_source import RandomLoader
     return RandomLoader(batch_size_global=config.batch_size, num_frames=d.num_frames,
                         image_size=d.image_size, max_text_len=d.max_text_len,
-                        vocab_size=text.vocab_size, seed=config.seed,
+                        vocab_size=text.vocab_size, seed=seed,
                         process_index=jax.process_index(), process_count=jax.process_count())
   if d.source != "tfrecord":
     raise ValueError(f"config.data.source must be 'tfrecord' or 'random', got {d.source!r}")
   from vlp_jax.data.pipeline import Loader
-  return Loader(d, d.train_split, batch_size=batch_per_process, training=True, seed=config.seed,
+  return Loader(d, split, batch_size=batch_per_process, training=True, seed=seed,
                 tokenizer=text.tokenizer, num_frames=d.num_frames, image_size=d.image_size,
                 process_index=jax.process_index(), process_count=jax.process_count(),
-                data_dir=data_dir)
+                data_dir=data_dir, answer_vocab=text.answers)
 
 
 def eval_loader(config, data_dir: str, split: str, text: TextInfo, batch_per_process: int):
@@ -79,7 +113,7 @@ def eval_loader(config, data_dir: str, split: str, text: TextInfo, batch_per_pro
   return Loader(d, split, batch_size=batch_per_process, training=False, seed=config.seed,
                 tokenizer=text.tokenizer, num_frames=d.num_frames, image_size=d.image_size,
                 process_index=jax.process_index(), process_count=jax.process_count(),
-                data_dir=data_dir)
+                data_dir=data_dir, answer_vocab=text.answers)
 
 
 def eval_splits(config) -> list[str]:

@@ -46,7 +46,13 @@ LABEL_TEXT = {"left": "moving left", "right": "moving right", "up": "moving up",
               "down": "moving down", "grows": "growing", "shrinks": "shrinking",
               "rotates": "rotating", "still": "staying still"}
 SPLITS = ("train", "val", "test", "test_unseen")
-_SPLIT_CODE = {s: i for i, s in enumerate(SPLITS)}
+# Still images (one-frame clips of motionless shapes, captions without motion; CC3M-style) for
+# mixed video + image-text pre-training. Written only when `num_images` > 0.
+IMAGE_SPLIT = "images"
+_SPLIT_CODE = {s: i for i, s in enumerate(SPLITS + (IMAGE_SPLIT,))}
+# The entity vocabulary of PEM (one entity per line): the shape nouns, which are also each
+# clip's `entity/string`.
+ENTITIES_FILE = "entities.txt"
 _ROUND_SHAPES = ("circle", "ring")
 _NO_ROTATE = ("circle", "ring", "hexagon")  # rotation invisible (hexagon: nearly, at 64 px)
 _SYMMETRY = {"square": 4, "cross": 4, "star": 5, "triangle": 3, "diamond": 2}
@@ -97,7 +103,43 @@ _DOUBLE_TEMPLATES = (
     "{np1} {verb1} and {np2} {verb2}",
     "{np1} {part1} next to {np2} {part2}",
 )
+_IMAGE_SINGLE_TEMPLATES = (
+    "{np}",
+    "a photo of {np}",
+    "a picture of {np}",
+    "an image of {np}",
+    "there is {np}",
+    "{a_size} {shape} in {colour}",
+    "one {size} {colour} {shape}",
+)
+_IMAGE_DOUBLE_TEMPLATES = (
+    "{np1} and {np2}",
+    "a photo of {np1} and {np2}",
+    "two shapes: {np1} and {np2}",
+    "{np1} next to {np2}",
+    "a picture of {np1} next to {np2}",
+)
 CAPTIONS_PER_CLIP = 3
+# Question templates; {verb} is a finite motion phrase. Each is asked only when its answer is
+# unambiguous for the clip (e.g. "the shape that moves left" with one leftward shape).
+# "what object ..." has a colour-shape answer ("red circle"): ~56 rare answers, so a small
+# answer vocabulary leaves some test answers out of vocabulary (and every `test_unseen` one).
+_QA_TEMPLATES = {
+    "colour_of_shape": "what colour is the {shape}?",
+    "size": "what size is the {colour} {shape}?",
+    "direction": "which way does the {colour} {shape} move?",
+    "action": "what does the {colour} {shape} do?",
+    "shape_of_colour": "what shape is {colour}?",
+    "colour_of_mover": "what colour is the shape that {verb}?",
+    "shape_of_mover": "what shape {verb}?",
+    "count": "how many shapes are there?",
+    "object_of_mover": "what object {verb}?",
+}
+QUESTIONS_PER_CLIP = 4
+# Answers of "what does the ... do?" (non-directional motions).
+ACTION_ANSWERS = {"grows": "grows", "shrinks": "shrinks", "rotates": "rotates",
+                  "still": "still"}
+COUNT_WORDS = {1: "one", 2: "two"}  # answers of "how many shapes are there?"
 
 _SIZE_FRAC = {"small": 0.09, "large": 0.17}  # bounding radius / image size
 _SCALE_RANGE = (0.6, 1.4)  # radius factor over a grows / shrinks clip
@@ -109,12 +151,14 @@ _SUPERSAMPLE = 4  # masks are drawn larger and box-filtered down: anti-aliased e
 
 
 def caption_words() -> list[str]:
-  """All words (and punctuation) the captions and label texts can contain."""
+  """All words (and punctuation) the captions, questions, answers and label texts can contain."""
   text = " ".join(
-      list(_SINGLE_TEMPLATES) + list(_DOUBLE_TEMPLATES) + list(SHAPES) + list(COLOURS)
+      list(_SINGLE_TEMPLATES) + list(_DOUBLE_TEMPLATES) + list(_QA_TEMPLATES.values())
+      + list(_IMAGE_SINGLE_TEMPLATES) + list(_IMAGE_DOUBLE_TEMPLATES)
+      + list(ACTION_ANSWERS.values()) + list(COUNT_WORDS.values()) + list(SHAPES) + list(COLOURS)
       + [w for ws in SIZE_WORDS.values() for w in ws] + list(LABEL_TEXT.values())
       + [p for vs in MOTION_PHRASES.values() for group in vs for p in group] + ["a", "an"])
-  for ch in "{}:,":
+  for ch in "{}:,?":
     text = text.replace(ch, f" {ch} ")
   words = [w for w in text.split() if w not in "{}" and w.isalpha() or w in (":", ",")]
   placeholders = {"np", "verb", "part", "size", "colour", "shape", "a_size", "np1", "np2",
@@ -238,8 +282,10 @@ def _noun_phrase(rng, obj) -> dict:
               verb=verbs[rng.integers(len(verbs))], part=parts[rng.integers(len(parts))])
 
 
-def _captions(rng: np.random.Generator, objects: list[dict]) -> list[str]:
-  templates = _SINGLE_TEMPLATES if len(objects) == 1 else _DOUBLE_TEMPLATES
+def _captions(rng: np.random.Generator, objects: list[dict], image: bool = False) -> list[str]:
+  single, double = ((_IMAGE_SINGLE_TEMPLATES, _IMAGE_DOUBLE_TEMPLATES) if image
+                    else (_SINGLE_TEMPLATES, _DOUBLE_TEMPLATES))
+  templates = single if len(objects) == 1 else double
   picks = rng.choice(len(templates), size=CAPTIONS_PER_CLIP, replace=False)
   out = []
   for k in picks:
@@ -251,6 +297,46 @@ def _captions(rng: np.random.Generator, objects: list[dict]) -> list[str]:
         fields.update({f"{key}{j}": v for key, v in _noun_phrase(rng, obj).items()})
     out.append(templates[k].format(**fields))
   return out
+
+
+def question_answers(rng: np.random.Generator, objects: list[dict],
+                     count: int = QUESTIONS_PER_CLIP) -> tuple[list[str], list[str]]:
+  """Questions about a clip and their answers, read off its `objects` attributes.
+
+  Every applicable template (colour, size, direction or action of a shape; the shape or
+  colour of the one object with a given colour or motion; the number of shapes; colour and
+  shape of the object with a motion) gives one candidate; `count` of them are drawn without
+  replacement.
+
+  Returns:
+    (questions, answers): aligned lists of at most `count` strings; answers are lowercase
+    words ("red", "left", "two", "red circle", ...).
+  """
+  t = _QA_TEMPLATES
+  motion_counts = {}
+  colour_counts = {}
+  for o in objects:
+    motion_counts[o["motion"]] = motion_counts.get(o["motion"], 0) + 1
+    colour_counts[o["colour"]] = colour_counts.get(o["colour"], 0) + 1
+  cands = [(t["count"], COUNT_WORDS[len(objects)])]
+  for o in objects:
+    f = dict(shape=o["shape"], colour=o["colour"])
+    cands.append((t["colour_of_shape"].format(**f), o["colour"]))
+    cands.append((t["size"].format(**f), o["size"]))
+    if o["motion"] in ("left", "right", "up", "down"):
+      cands.append((t["direction"].format(**f), o["motion"]))
+    else:
+      cands.append((t["action"].format(**f), ACTION_ANSWERS[o["motion"]]))
+    if colour_counts[o["colour"]] == 1:
+      cands.append((t["shape_of_colour"].format(**f), o["shape"]))
+    if motion_counts[o["motion"]] == 1:
+      verbs = MOTION_PHRASES[o["motion"]][0]
+      verb = verbs[rng.integers(len(verbs))]
+      cands.append((t["colour_of_mover"].format(verb=verb), o["colour"]))
+      cands.append((t["shape_of_mover"].format(verb=verb), o["shape"]))
+      cands.append((t["object_of_mover"].format(verb=verb), f"{o['colour']} {o['shape']}"))
+  picks = sorted(rng.choice(len(cands), size=min(count, len(cands)), replace=False))
+  return [cands[i][0] for i in picks], [cands[i][1] for i in picks]
 
 
 def _objects(rng: np.random.Generator, split: str, heldout: list[tuple[str, str]]) -> list[dict]:
@@ -267,7 +353,7 @@ def _objects(rng: np.random.Generator, split: str, heldout: list[tuple[str, str]
     if any(o["shape"] == shape for o in objects):  # two different shapes: captions unambiguous
       continue
     objects.append(dict(shape=shape, colour=colour, size=SIZES[rng.integers(len(SIZES))],
-                        motion=_sample_motion(rng, shape)))
+                        motion="still" if split == IMAGE_SPLIT else _sample_motion(rng, shape)))
   return objects
 
 
@@ -285,7 +371,8 @@ def render_clip(seed: int, split: str, index: int, num_frames: int, image_size: 
   Returns:
     dict with `video_id` (str), `frames` (list of JPEG bytes, num_frames of
     image_size x image_size RGB), `captions` (list of str), `objects` (list of dicts with
-    shape, colour, size, motion), `label_index` / `label_text` (motion of the first object).
+    shape, colour, size, motion), `label_index` / `label_text` (motion of the first object),
+    `questions` / `answers` (aligned lists of str, `question_answers`).
   """
   rng = np.random.default_rng([seed, _SPLIT_CODE[split], index])
   objects = _objects(rng, split, heldout)
@@ -298,7 +385,7 @@ def render_clip(seed: int, split: str, index: int, num_frames: int, image_size: 
       cand = [_track(rng, o, image_size) for o in objects]
       best = max(best, (_min_distance(cand, objects, num_frames), cand), key=lambda b: b[0])
     tracks = best[1]
-  captions = _captions(rng, objects)
+  captions = _captions(rng, objects, image=split == IMAGE_SPLIT)
   bg = _background(rng, image_size)
   frames = []
   for f in range(num_frames):
@@ -312,8 +399,12 @@ def render_clip(seed: int, split: str, index: int, num_frames: int, image_size: 
     img.save(buf, format="JPEG", quality=90, subsampling=0)  # 4:4:4 keeps small shapes' colour
     frames.append(buf.getvalue())
   motion = objects[0]["motion"]
+  # Own rng stream: adding questions left frames and captions unchanged.
+  questions, answers = question_answers(
+      np.random.default_rng([seed, _SPLIT_CODE[split], index, 0x9A]), objects)
   return dict(video_id=f"shapes-{split}-{index:06d}", frames=frames, captions=captions,
-              objects=objects, label_index=MOTIONS.index(motion), label_text=LABEL_TEXT[motion])
+              objects=objects, label_index=MOTIONS.index(motion), label_text=LABEL_TEXT[motion],
+              questions=questions, answers=answers)
 
 
 def contrast_probes(objects: list[dict]) -> list[str]:
@@ -340,17 +431,20 @@ def clip_record(clip: dict, num_frames: int):
       label_index=clip["label_index"], label_text=clip["label_text"], entities=entities,
       start_us=0, end_us=int(round(num_frames / FPS * 1e6)),
       contrast=contrast_probes(clip["objects"]),
+      questions=clip.get("questions"), answers=clip.get("answers"),
       extra={"synthetic/attributes": [json.dumps(clip["objects"], sort_keys=True).encode()]})
 
 
 def _params(seed, counts, num_frames, image_size, num_shards) -> dict:
-  return dict(version=2, seed=int(seed), counts={k: int(v) for k, v in counts.items()},
+  return dict(version=3, seed=int(seed), counts={k: int(v) for k, v in counts.items()},
               num_frames=int(num_frames), image_size=int(image_size), num_shards=int(num_shards))
 
 
 def generate(out_dir: str, *, seed: int, num_train: int, num_val: int, num_test: int,
-             num_test_unseen: int, num_frames: int, image_size: int, num_shards: int) -> dict:
-  """Writes the corpus: all splits as TFRecord shards, `vocab.txt`, `synthetic.json`, `DONE`.
+             num_test_unseen: int, num_frames: int, image_size: int, num_shards: int,
+             num_images: int = 0) -> dict:
+  """Writes the corpus: all splits as TFRecord shards, `vocab.txt`, `entities.txt`,
+  `synthetic.json`, `DONE`.
 
   `DONE` (the generation parameters as JSON) is written last, so an interrupted run is redone
   by `ensure`. Existing shards of these splits are replaced.
@@ -362,6 +456,7 @@ def generate(out_dir: str, *, seed: int, num_train: int, num_val: int, num_test:
     num_frames: stored frames per clip.
     image_size: frame side in pixels.
     num_shards: files per split.
+    num_images: still images in split `images` (one frame each, no motion); 0 = no split.
 
   Returns:
     Summary dict: `dir`, `counts` per split, `heldout_pairs`, `vocab_size`, `seconds`.
@@ -369,6 +464,8 @@ def generate(out_dir: str, *, seed: int, num_train: int, num_val: int, num_test:
   from vlp_jax.data import records, tokenizer  # lazy, see clip_record
   start = time.time()
   counts = dict(train=num_train, val=num_val, test=num_test, test_unseen=num_test_unseen)
+  if num_images:
+    counts[IMAGE_SPLIT] = num_images
   params = _params(seed, counts, num_frames, image_size, num_shards)
   os.makedirs(out_dir, exist_ok=True)
   meta_path = os.path.join(out_dir, "synthetic.json")
@@ -376,7 +473,7 @@ def generate(out_dir: str, *, seed: int, num_train: int, num_val: int, num_test:
   if os.path.exists(done_path):
     os.remove(done_path)
   stale = [os.path.join(out_dir, f) for f in os.listdir(out_dir) if f.endswith(".tfrecord")
-           and f.split("-")[0] in SPLITS]
+           and f.split("-")[0] in SPLITS + (IMAGE_SPLIT,)]
   if stale and not os.path.exists(meta_path):
     raise FileExistsError(f"{out_dir!r} holds TFRecord shards not written by the synthetic "
                           "generator; refusing to overwrite them")
@@ -394,8 +491,11 @@ def generate(out_dir: str, *, seed: int, num_train: int, num_val: int, num_test:
   for split, n in counts.items():
     with records.ShardedWriter(out_dir, split, num_shards) as writer:
       for i in range(n):
-        clip = render_clip(seed, split, i, num_frames, image_size, heldout)
-        writer.write(clip_record(clip, num_frames))
+        frames = 1 if split == IMAGE_SPLIT else num_frames
+        clip = render_clip(seed, split, i, frames, image_size, heldout)
+        writer.write(clip_record(clip, frames))
+  with open(os.path.join(out_dir, ENTITIES_FILE), "w") as f:
+    f.write("\n".join(SHAPES) + "\n")
   vocab_size = tokenizer.write_vocab(os.path.join(out_dir, "vocab.txt"),
                                      tokenizer.synthetic_vocab_words())
   with open(done_path, "w") as f:
@@ -410,7 +510,7 @@ def ensure(out_dir: str, synthetic_cfg) -> dict | None:
   Args:
     out_dir: data directory.
     synthetic_cfg: `config.data.synthetic` (seed, num_train, num_val, num_test,
-      num_test_unseen, num_frames, image_size, num_shards).
+      num_test_unseen, num_frames, image_size, num_shards, optional num_images).
 
   Returns:
     generate()'s summary when it generated, else None.
@@ -418,6 +518,9 @@ def ensure(out_dir: str, synthetic_cfg) -> dict | None:
   c = synthetic_cfg
   counts = dict(train=c.num_train, val=c.num_val, test=c.num_test,
                 test_unseen=c.num_test_unseen)
+  num_images = int(c.get("num_images", 0))
+  if num_images:
+    counts[IMAGE_SPLIT] = num_images
   params = _params(c.seed, counts, c.num_frames, c.image_size, c.num_shards)
   done_path = os.path.join(out_dir, "DONE")
   if os.path.exists(done_path):
@@ -429,4 +532,5 @@ def ensure(out_dir: str, synthetic_cfg) -> dict | None:
       pass  # unreadable marker: regenerate
   return generate(out_dir, seed=c.seed, num_train=c.num_train, num_val=c.num_val,
                   num_test=c.num_test, num_test_unseen=c.num_test_unseen,
-                  num_frames=c.num_frames, image_size=c.image_size, num_shards=c.num_shards)
+                  num_frames=c.num_frames, image_size=c.image_size, num_shards=c.num_shards,
+                  num_images=num_images)

@@ -14,7 +14,8 @@ SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # ids 0..4 in o
 # Words prompt templates and evaluation code use on top of the captions.
 _EXTRA_WORDS = ("a", "an", "the", "one", "of", "video", "footage", "photo", "picture", "image",
                 "clip", "shape", "shapes", "object", "what", "which", "is", "does", "do",
-                "how", "many", "color", "colour", "size", "motion", "yes", "no")
+                "how", "many", "color", "colour", "size", "motion", "yes", "no",
+                "portrait", "good")  # + PEM's prompt templates (data/entities.py)
 
 
 def synthetic_vocab_words() -> list[str]:

@@ -22,6 +22,22 @@ def collect(fn: Callable[[Any, dict], Any], params: Any, batches: Iterable[dict]
   Returns:
     The concatenated outputs over all valid rows of all processes (global order), replicated.
   """
+  rows, keep = collect_rows(fn, params, batches, mesh, rules)
+  return take(rows, keep, mesh)
+
+
+def collect_rows(fn: Callable[[Any, dict], Any], params: Any, batches: Iterable[dict], mesh,
+                 rules) -> tuple[Any, np.ndarray]:
+  """Like `collect`, but keeps every row (padding included) where it was computed.
+
+  For large per-example outputs (token features of a 10k-clip test set) that must stay
+  sharded: nothing is replicated.
+
+  Returns:
+    (rows, keep): `rows` = the outputs of all batches concatenated, [num_batches * B, ...],
+    sharded along the first axis like a batch; `keep` = int64 [N] positions of the valid rows
+    in global order (row `keep[i]` is example i of `collect`'s output).
+  """
   jitted = jax.jit(fn)
   outs, valids = [], []
   for batch in _aligned(batches):
@@ -35,9 +51,22 @@ def collect(fn: Callable[[Any, dict], Any], params: Any, batches: Iterable[dict]
   keep = np.nonzero(np.concatenate(valids))[0]
   if keep.size == 0:
     raise ValueError("the evaluation split has no valid examples")
-  gather = jax.jit(lambda xs, idx: jax.tree.map(lambda *a: jnp.concatenate(a)[idx], *xs),
-                   out_shardings=shd.replicated(mesh))
-  return gather(outs, jnp.asarray(keep))
+  out_shd = jax.tree.map(lambda a: shd.batch_sharding(mesh, rules, a.ndim), outs[0])
+  return jax.jit(_concat, out_shardings=out_shd)(outs), keep
+
+
+def take(rows: Any, keep: np.ndarray, mesh) -> Any:
+  """`rows[keep]` for every leaf, replicated over `mesh` (small features only)."""
+  return jax.jit(_take, out_shardings=shd.replicated(mesh))(rows, jnp.asarray(keep))
+
+
+# Module-level, so repeated evaluations reuse the traced programs.
+def _concat(xs: list) -> Any:
+  return jax.tree.map(lambda *a: jnp.concatenate(a), *xs)
+
+
+def _take(rows: Any, idx: jax.Array) -> Any:
+  return jax.tree.map(lambda a: a[idx], rows)
 
 
 def _aligned(batches: Iterable[dict]) -> Iterator[dict]:
@@ -63,11 +92,16 @@ def _aligned(batches: Iterable[dict]) -> Iterator[dict]:
     yield batch
 
 
+def batch_shards(mesh, rules) -> int:
+  """Number of shards of an array's leading (batch) axis under `rules`."""
+  spec = shd.batch_sharding(mesh, rules, 1).spec
+  return int(np.prod([mesh.shape[a] for a in _axes(spec[0] if spec else None)]))
+
+
 def similarity(text_feat: jax.Array, video_feat: jax.Array, mesh, rules) -> jax.Array:
   """text [Nt, E] @ video [Nv, E]^T -> float32 [Nt, Nv], rows sharded when they divide evenly."""
   rows = shd.batch_sharding(mesh, rules, 2)
-  n_shards = int(np.prod([mesh.shape[a] for a in _axes(rows.spec[0])]))
-  out = rows if text_feat.shape[0] % n_shards == 0 else NamedSharding(mesh, P())
+  out = rows if text_feat.shape[0] % batch_shards(mesh, rules) == 0 else NamedSharding(mesh, P())
   fn = jax.jit(lambda t, v: jnp.einsum("te,ve->tv", t.astype(jnp.float32),
                                        v.astype(jnp.float32)), out_shardings=out)
   return fn(text_feat, video_feat)

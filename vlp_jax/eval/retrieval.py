@@ -12,6 +12,7 @@ is even).
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -155,13 +156,23 @@ def rerank_topk(sim: jax.Array, k: int,
   if k < 1:
     raise ValueError(f"rerank_topk: k must be >= 1, got {k}")
   k = min(int(k), nc)
-  top_sim, top_idx = jax.lax.top_k(sim, k)
-  top_idx = top_idx.astype(jnp.int32)
-  row_idx = jnp.broadcast_to(jnp.arange(nq, dtype=jnp.int32)[:, None], (nq, k))
+  top_sim, top_idx, row_idx = _top_k(sim, k)
   extra = jnp.asarray(score_fn(row_idx, top_idx), jnp.float32)
   if extra.shape != (nq, k):
     raise ValueError(
         f"rerank_topk: score_fn returned shape {tuple(extra.shape)}, expected {(nq, k)}")
+  return _rescore(sim, top_sim, top_idx, row_idx, extra)
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _top_k(sim: jax.Array, k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  top_sim, top_idx = jax.lax.top_k(sim, k)
+  row_idx = jnp.broadcast_to(jnp.arange(sim.shape[0], dtype=jnp.int32)[:, None], top_idx.shape)
+  return top_sim, top_idx.astype(jnp.int32), row_idx
+
+
+@jax.jit
+def _rescore(sim, top_sim, top_idx, row_idx, extra) -> jax.Array:
   new_top = top_sim + extra
   # Everything outside the top-k is <= the k-th value; subtracting (kth - new_min + 1)
   # puts it at least 1 below the re-scored minimum (the margin survives float rounding).

@@ -1,12 +1,23 @@
 """Loss functions: pure jax, per-sample values `[B]` plus a dict of scalar metrics."""
 from vlp_jax.losses.mlm import IGNORE_INDEX, mlm_loss
+from vlp_jax.losses.pem import (keep_region, pem_loss, region_mean, region_patch_mask,
+                                regions_from_uniforms, sample_regions, soft_labels)
+from vlp_jax.losses.qa import qa_loss
 from vlp_jax.losses.vtc import vtc_loss
 from vlp_jax.losses.vtm import sample_hard_negatives, vtm_loss
 
 __all__ = [
     "IGNORE_INDEX",
+    "keep_region",
     "mlm_loss",
+    "pem_loss",
+    "qa_loss",
+    "region_mean",
+    "region_patch_mask",
+    "regions_from_uniforms",
     "sample_hard_negatives",
+    "sample_regions",
+    "soft_labels",
     "vtc_loss",
     "vtm_loss",
 ]

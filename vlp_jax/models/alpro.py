@@ -11,6 +11,8 @@ so that `init` creates the whole parameter tree:
   temp                     scalar temperature
   vtm_head                 Dense D -> 2
   mlm_head/{transform/{dense, LayerNorm}, bias}   decoder tied to the word embeddings
+  qa_head/{dense, out}     MLP D -> 2D -> num_answers (video QA), only when num_answers > 0
+  pem_head/{dense, out}    MLP D -> 2D -> num_entities (PEM), only when num_entities > 0
 """
 from __future__ import annotations
 
@@ -62,6 +64,7 @@ class VideoConfig:
   mlp_dim: int
   temporal: str = "divided"
   dropout: float = 0.0
+  layer_norm_eps: float = 1e-6  # timm / TimeSformer; ViT checkpoints use 1e-12
 
   def __post_init__(self):
     p = "model.video"
@@ -74,6 +77,7 @@ class VideoConfig:
     _check(self.temporal in TEMPORAL_MODES,
            f"{p}.temporal must be one of {TEMPORAL_MODES}, got {self.temporal!r}")
     _check_dropout(p, self.dropout)
+    _check(self.layer_norm_eps > 0, f"{p}.layer_norm_eps must be > 0, got {self.layer_norm_eps!r}")
 
   @property
   def num_patches(self) -> int:
@@ -114,6 +118,8 @@ class ALPROConfig:
   attention: str = "xla"
   dtype: str = "float32"
   remat: str = "none"
+  num_entities: int = 0  # K of the PEM head; 0 = no PEM head
+  num_answers: int = 0  # K of the video-QA head (answer vocabulary); 0 = no QA head
 
   def __post_init__(self):
     # Fusion concatenates video and text tokens along the sequence, so widths must agree.
@@ -122,12 +128,16 @@ class ALPROConfig:
            f"({self.text.hidden})")
     _check(isinstance(self.embed_dim, int) and self.embed_dim > 0,
            f"model.embed_dim must be a positive int, got {self.embed_dim!r}")
+    _check(isinstance(self.num_answers, int) and self.num_answers >= 0,
+           f"model.num_answers must be an int >= 0, got {self.num_answers!r}")
     _check(TEMP_RANGE[0] <= self.temp_init <= TEMP_RANGE[1],
            f"model.temp_init ({self.temp_init}) must be in {list(TEMP_RANGE)}")
     _check(self.attention in layers.ATTENTION_IMPLS,
            f"model.attention must be one of {layers.ATTENTION_IMPLS}, got {self.attention!r}")
     _check(self.dtype in layers.DTYPES,
            f"model.dtype must be one of {tuple(layers.DTYPES)}, got {self.dtype!r}")
+    _check(isinstance(self.num_entities, int) and self.num_entities >= 0,
+           f"model.num_entities must be an int >= 0, got {self.num_entities!r}")
     _check(self.remat in layers.REMAT_POLICIES,
            f"model.remat must be one of {tuple(layers.REMAT_POLICIES)}, got {self.remat!r}")
     # cuDNN flash attention has no float32 kernel.
@@ -231,6 +241,26 @@ class BertMLMHead(nn.Module):
     return layers.constrain(logits + bias, ("batch", "length", "vocab"))
 
 
+class PEMHead(nn.Module):
+  """ALPRO's PEM head: MLP `D -> 2D -> K` with ReLU, in float32.
+
+  Attributes:
+    hidden: D.
+    num_entities: K.
+  """
+  hidden: int
+  num_entities: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x `[B, D]` -> float32 logits `[B, K]`."""
+    h = layers.dense(2 * self.hidden, ("embed", "mlp"), dtype=jnp.float32, name="dense")(
+        x.astype(jnp.float32))
+    logits = layers.dense(self.num_entities, ("mlp", "entities"), dtype=jnp.float32,
+                          name="out")(nn.relu(h))
+    return layers.constrain(logits, ("batch", "entities"))
+
+
 class _Transform(nn.Module):
   hidden: int
   dtype: Any = jnp.float32
@@ -240,6 +270,28 @@ class _Transform(nn.Module):
     h = layers.dense(self.hidden, ("embed", None), dtype=self.dtype, name="dense")(x)
     h = nn.gelu(h, approximate=False)
     return layers.layer_norm(1e-12, self.dtype, name="LayerNorm")(h)
+
+
+class MLPHead(nn.Module):
+  """Classifier MLP `D -> 2D -> K` with ReLU, in float32 (ALPRO's QA head, ClipBERT style).
+
+  Attributes:
+    hidden: D.
+    num_classes: K.
+    class_axis: logical name of the K axis ("classes").
+  """
+  hidden: int
+  num_classes: int
+  class_axis: str = "classes"
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x `[B, D]` -> float32 logits `[B, K]`."""
+    h = layers.dense(2 * self.hidden, ("embed", "mlp"), dtype=jnp.float32, name="dense")(
+        x.astype(jnp.float32))
+    logits = layers.dense(self.num_classes, ("mlp", self.class_axis), dtype=jnp.float32,
+                          name="out")(nn.relu(h))
+    return layers.constrain(logits, ("batch", self.class_axis))
 
 
 class ALPRO(nn.Module):
@@ -265,6 +317,10 @@ class ALPRO(nn.Module):
         jnp.float32)
     self.vtm_head = layers.dense(2, ("embed", None), dtype=jnp.float32)
     self.mlm_head = BertMLMHead(c.text.hidden, c.text.vocab_size, dtype)
+    if c.num_answers > 0:
+      self.qa_head = MLPHead(c.text.hidden, c.num_answers, "classes")
+    if c.num_entities:
+      self.pem_head = PEMHead(c.text.hidden, c.num_entities)
 
   def __call__(self, video: jax.Array, text_ids: jax.Array, text_mask: jax.Array,
                deterministic: bool = True) -> dict[str, jax.Array]:
@@ -279,7 +335,8 @@ class ALPRO(nn.Module):
     Returns:
       dict with video_tokens `[B, 1+N, D]`, text_tokens `[B, L, D]`, video_feature and
       text_feature float32 `[B, E]`, temperature float32 `[]`, fused `[B, L+1+N, D]`,
-      vtm_logits float32 `[B, 2]`, mlm_logits float32 `[B, L, V]`.
+      vtm_logits float32 `[B, 2]`, mlm_logits float32 `[B, L, V]`, and with a PEM head
+      pem_logits float32 `[B, K]`, with a QA head qa_logits float32 `[B, num_answers]`.
     """
     video_tokens = self.encode_video(video, deterministic)
     text_tokens = self.encode_text(text_ids, text_mask, deterministic)
@@ -293,6 +350,9 @@ class ALPRO(nn.Module):
         "fused": fused,
         "vtm_logits": self.vtm_logits(fused),
         "mlm_logits": self.mlm_logits(fused[:, :text_ids.shape[1]]),
+        **({"pem_logits": self.pem_logits(jnp.mean(fused[:, text_ids.shape[1] + 1:], axis=1))}
+           if self.config.num_entities else {}),
+        **({"qa_logits": self.qa_logits(fused)} if self.config.num_answers else {}),
     }
 
   def encode_video(self, video: jax.Array, deterministic: bool = True) -> jax.Array:
@@ -332,6 +392,19 @@ class ALPRO(nn.Module):
     """`[B, L', D]` -> float32 `[B, 2]` from the fused text [CLS] (index 1 = match)."""
     return self.vtm_head(fused[:, 0].astype(jnp.float32))
 
+  def qa_logits(self, fused: jax.Array) -> jax.Array:
+    """`[B, L', D]` -> float32 `[B, num_answers]` from the fused [CLS] (question first)."""
+    return self.qa_head(fused[:, 0])
+
   def mlm_logits(self, fused_text: jax.Array) -> jax.Array:
     """`[B, L, D]` (fused text positions, or a gather of them) -> float32 `[B, L, V]`."""
     return self.mlm_head(fused_text, self.text_encoder.word_embedding_matrix())
+
+  def pem_logits(self, patch_mean: jax.Array) -> jax.Array:
+    """`[B, D]` mean of fused video-patch tokens in a region -> float32 `[B, K]` entity logits.
+
+    Needs `config.num_entities > 0`.
+    """
+    if not self.config.num_entities:
+      raise ValueError("pem_logits needs model.num_entities > 0 (the PEM head)")
+    return self.pem_head(patch_mean)

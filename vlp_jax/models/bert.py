@@ -166,6 +166,27 @@ class BertTextEncoder(nn.Module):
     return self.embeddings.word_embedding_matrix()
 
 
+class BertModel(nn.Module):
+  """Embeddings + every layer `[0, layers)` over text alone: HF `BertModel`'s last hidden state.
+
+  The same param names as `BertTextEncoder`, with all layers under `encoder`; used to check
+  imported checkpoints against `transformers`.
+  """
+  config: Any
+  dtype: Any = jnp.float32
+  attention: str = "xla"
+  remat: str = "none"
+
+  def setup(self):
+    self.embeddings = BertEmbeddings(self.config, self.dtype)
+    self.encoder = BertLayerStack(self.config, 0, self.config.layers, self.dtype,
+                                  self.attention, self.remat)
+
+  def __call__(self, input_ids: jax.Array, mask: jax.Array, deterministic: bool = True):
+    """input_ids int `[B, L]`, mask int/bool `[B, L]` (1 = token) -> `[B, L, D]` in `dtype`."""
+    return self.encoder(self.embeddings(input_ids, deterministic), mask, deterministic)
+
+
 class BertFusionEncoder(nn.Module):
   """BERT layers `[fusion_layer, layers)` over `concat(text, video)`, self-attention only."""
   config: Any

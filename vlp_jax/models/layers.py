@@ -17,7 +17,8 @@ Dtype = Any
 Initializer = Callable[..., Any]
 
 # Logical axis names models/ may use on parameters and activations.
-LOGICAL_AXES = ("batch", "frames", "length", "embed", "heads", "kv", "mlp", "vocab")
+LOGICAL_AXES = ("batch", "frames", "length", "embed", "heads", "kv", "mlp", "vocab",
+                "classes")
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 ATTENTION_IMPLS = ("xla", "cudnn")

@@ -25,7 +25,6 @@ import jax.numpy as jnp
 
 from vlp_jax.models import layers
 
-_LN_EPS = 1e-6
 _INIT = nn.initializers.truncated_normal(0.02)
 
 
@@ -145,7 +144,7 @@ class TimesformerLayer(nn.Module):
     b, t, n, d = patches.shape
     attn = lambda name: TimesformerAttention(cfg.heads, self.dtype, self.attention, cfg.dropout,
                                              name=name)
-    ln = lambda name: layers.layer_norm(_LN_EPS, self.dtype, name=name)
+    ln = lambda name: layers.layer_norm(cfg.layer_norm_eps, self.dtype, name=name)
 
     if cfg.temporal == "divided":
       xt = patches.transpose(0, 2, 1, 3).reshape(b * n, t, d)
@@ -202,11 +201,14 @@ class TimesformerModel(nn.Module):
     dtype: compute dtype (params are float32).
     attention: "xla" | "cudnn".
     remat: "none" | "full" | "dots" | "dots_no_batch".
+    pool: True: ALPRO's output (CLS + temporal patch mean). False: every token, as HF
+      `TimesformerModel.last_hidden_state` (used to check imported checkpoints).
   """
   config: Any
   dtype: Any = jnp.float32
   attention: str = "xla"
   remat: str = "none"
+  pool: bool = True
 
   @nn.compact
   def __call__(self, video: jax.Array, deterministic: bool = True) -> jax.Array:
@@ -218,8 +220,10 @@ class TimesformerModel(nn.Module):
       deterministic: disables dropout when True.
 
     Returns:
-      `[B, 1 + N, D]` in `dtype`: the CLS token followed by the temporal mean of the N patch
-      tokens (both after the final LayerNorm).
+      pool=True: `[B, 1 + N, D]` in `dtype`, the CLS token followed by the temporal mean of
+      the N patch tokens (both after the final LayerNorm).
+      pool=False: HF's token layout: `[B, 1 + N*T, D]` with patch-major order (token
+      `1 + n*T + t`) for "divided"; `[B*T, 1 + N, D]` (each frame alone) for "none".
     """
     cfg = self.config
     b, t = video.shape[:2]
@@ -229,8 +233,11 @@ class TimesformerModel(nn.Module):
     cls, patches = TimesformerEmbeddings(cfg, self.dtype, name="embeddings")(video, deterministic)
     cls, patches = TimesformerEncoder(cfg, self.dtype, self.attention, self.remat,
                                       name="encoder")(cls, patches, deterministic)
-    ln = layers.layer_norm(_LN_EPS, self.dtype, name="layernorm")
+    ln = layers.layer_norm(cfg.layer_norm_eps, self.dtype, name="layernorm")
     cls, patches = ln(cls), ln(patches)
+    if not self.pool:
+      patches = patches.transpose(0, 2, 1, 3).reshape(patches.shape[0], -1, patches.shape[-1])
+      return jnp.concatenate([cls[:, None, :], patches], axis=1)
     if cfg.temporal == "none":
       cls = cls.reshape(b, t, -1)
       patches = patches.reshape(b, t, *patches.shape[2:])

@@ -62,7 +62,7 @@ class Run:
     # Parameters the loss reads but never trains (PEM's prompter): a separate sharded pytree.
     frozen = None
     if hasattr(self.task, "frozen_params"):
-      frozen = self.task.frozen_params(self.mesh, self.rules)
+      frozen = self.task.frozen_params(self.mesh, self.rules, workdir=self.workdir)
     self.frozen, self.frozen_shardings = frozen if frozen is not None else (None, None)
 
   def apply_init(self) -> None:
@@ -72,6 +72,8 @@ class Run:
     """
     init = self.config.get("init")
     if init is None or not any(init.get(k, "") for k in ("checkpoint", "text", "video")):
+      logging.info("no config.init.checkpoint / init.text / init.video: starting from a fresh "
+                   "init")
       return
     model_config = getattr(getattr(self.task, "model", None), "config", None)
     params = init_lib.apply_init(init, self.state.params, self.shardings.params, model_config)
@@ -131,17 +133,18 @@ def _total_skipped(loader) -> int:
   return int(np.sum(multihost_utils.process_allgather(local)))
 
 
-def train(config, workdir: str, *, stop_at: int | None = None) -> dict:
+def train(config, workdir: str, *, stop_at: int | None = None, devices=None) -> dict:
   """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one.
 
   Args:
     stop_at: stop after this step (as if preempted) without the final evaluation.
+    devices: the mesh's devices (default: all).
   Returns:
     {"train": last logged train metrics, "<split>": last eval metrics, ...}.
   Raises:
     NonFiniteLossError: the loss became NaN/Inf (its step is in the message).
   """
-  run = Run(config, workdir)
+  run = Run(config, workdir, devices)
   if jax.process_index() == 0:
     with open(os.path.join(run.workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))

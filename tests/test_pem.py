@@ -1,0 +1,294 @@
+"""PEM: regions, patch masks, soft labels and the loss against numpy; the frozen prompter; the
+pre-training run that trains its own prompter and logs `loss/pem`."""
+import dataclasses
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import alpro_pretrain, alpro_prompter
+from vlp_jax import losses
+from vlp_jax.models import alpro as alpro_lib
+from vlp_jax.parallel import sharding as shd
+from vlp_jax.train import loop
+from vlp_jax.train.metrics import read_metrics
+from vlp_jax.train.tasks import alpro as task_lib
+
+
+# ------------------------------------------------------------------ numpy references
+def _np_regions(u, grid, area=(0.3, 0.5), aspect=(0.3, 1 / 0.3)):
+  """ALPRO's random_erase on the patch grid, draw by draw (the rule of losses/pem.py)."""
+  gh, gw = grid
+  out = []
+  for draws in u.astype(np.float32):
+    for ua, ur, ut, ul in draws:  # the first accepted draw
+      a = np.float32(area[0]) + ua * np.float32(area[1] - area[0])
+      r = np.float32(aspect[0]) + ur * np.float32(aspect[1] - aspect[0])
+      cells = a * np.float32(gh * gw)
+      w = int(np.floor(np.sqrt(cells / r)))
+      h = int(np.floor(np.sqrt(cells * r)))
+      if 1 <= w <= gw and 1 <= h <= gh:
+        break
+    else:  # none accepted: the last draw, clipped to the grid
+      h, w = min(max(h, 1), gh), min(max(w, 1), gw)
+    top = min(int(np.floor(ut * np.float32(gh - h + 1))), gh - h)
+    left = min(int(np.floor(ul * np.float32(gw - w + 1))), gw - w)
+    out.append((top, left, h, w))
+  return np.array(out)
+
+
+def _np_patch_mask(regions, grid):
+  gh, gw = grid
+  m = np.zeros((len(regions), gh, gw), np.float32)
+  for i, (t, l, h, w) in enumerate(regions):
+    m[i, t:t + h, l:l + w] = 1.0
+  return m.reshape(len(regions), gh * gw)
+
+
+def _np_softmax(x):
+  e = np.exp(x - x.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+# ------------------------------------------------------------------------- unit tests
+@pytest.mark.parametrize("grid", [(14, 14), (5, 5), (2, 2), (3, 7)])
+def test_regions_match_numpy_rule(grid):
+  u = np.random.default_rng(grid[0] * 10 + grid[1]).random((300, 10, 4)).astype(np.float32)
+  got = np.asarray(losses.regions_from_uniforms(jnp.asarray(u), grid))
+  np.testing.assert_array_equal(got, _np_regions(u, grid))
+  top, left, h, w = got.T
+  gh, gw = grid
+  assert (h >= 1).all() and (w >= 1).all()
+  assert (top >= 0).all() and (left >= 0).all()
+  assert (top + h <= gh).all() and (left + w <= gw).all()
+  if grid == (14, 14):  # snapping only shrinks: every region is <= 0.5 of the frame
+    frac = h * w / (gh * gw)
+    assert frac.max() <= 0.5 and 0.2 < frac.mean() < 0.4
+    aspect = h / w
+    assert aspect.min() < 0.5 and aspect.max() > 2.0  # both tall and wide regions occur
+
+
+def test_sample_regions_is_keyed_and_uses_the_whole_grid():
+  a = losses.sample_regions(jax.random.PRNGKey(0), 512, (5, 5))
+  b = losses.sample_regions(jax.random.PRNGKey(0), 512, (5, 5))
+  c = losses.sample_regions(jax.random.PRNGKey(1), 512, (5, 5))
+  np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(a, c)
+  top, left, h, w = np.asarray(a).T
+  # Positions spread over the grid, up to both edges.
+  assert np.unique(top).size >= 3 and np.unique(left).size >= 3
+  assert (top == 0).any() and (top + h == 5).any() and (left == 0).any() and (left + w == 5).any()
+  with pytest.raises(ValueError, match="area"):
+    losses.regions_from_uniforms(jnp.zeros((1, 1, 4)), (5, 5), area=(0.5, 0.3))
+
+
+def test_patch_mask_and_region_only_frames_match_numpy():
+  grid, p = (3, 4), 2
+  regions = np.array([[0, 0, 1, 1], [1, 2, 2, 2], [0, 0, 3, 4]], np.int32)
+  mask = np.asarray(losses.region_patch_mask(jnp.asarray(regions), grid))
+  np.testing.assert_array_equal(mask, _np_patch_mask(regions, grid))
+  video = np.random.default_rng(0).normal(size=(3, 2, 6, 8, 3)).astype(np.float32)
+  got = np.asarray(losses.keep_region(jnp.asarray(video), jnp.asarray(regions), p))
+  # Pixel (y, x) is in patch (y // p, x // p), whose token index is row-major.
+  pix = np.repeat(np.repeat(mask.reshape(3, *grid), p, 1), p, 2)
+  np.testing.assert_array_equal(got, video * pix[:, None, :, :, None])
+  assert np.count_nonzero(got[0, 0, :, :, 0]) == p * p
+  # The patch embedding flattens (rows, cols) row-major: token i = row i // gw, col i % gw.
+  patches = video.reshape(3, 2, 3, p, 4, p, 3).transpose(0, 1, 2, 4, 3, 5, 6).reshape(
+      3, 2, 12, -1)
+  got_patches = got.reshape(3, 2, 3, p, 4, p, 3).transpose(0, 1, 2, 4, 3, 5, 6).reshape(
+      3, 2, 12, -1)
+  kept = np.abs(got_patches).sum(-1) > 0
+  np.testing.assert_array_equal(kept, (mask[:, None] > 0) & (np.abs(patches).sum(-1) > 0))
+  tokens = np.random.default_rng(1).normal(size=(3, 12, 5)).astype(np.float32)
+  want = np.stack([tokens[i][mask[i] > 0].mean(0) for i in range(3)])
+  np.testing.assert_allclose(losses.region_mean(jnp.asarray(tokens), jnp.asarray(mask)), want,
+                             rtol=1e-6)
+
+
+def test_soft_labels_threshold_on_top_probability_not_index():
+  temp = 0.1
+  sim = np.array([
+      [0.9, 0.1, 0.1, 0.1, 0.1, 0.1],     # entity 0, confident: kept (the official bug
+                                          # compares the index 0 < 0.2 and drops it)
+      [0.10, 0.11, 0.10, 0.1, 0.1, 0.1],  # entity 1, top prob 0.18: dropped (the bug keeps it)
+      [0.1, 0.1, 0.5, 0.1, 0.1, 0.1],     # entity 2, confident: kept
+      [0.0, 0.0, 0.0, 0.0, 0.0, 0.0],     # uniform, 1/6: dropped
+  ], np.float32)
+  labels, keep = losses.soft_labels(jnp.asarray(sim), jnp.float32(temp), 0.2)
+  want = _np_softmax(sim / temp)
+  np.testing.assert_allclose(labels, want, rtol=1e-6)
+  np.testing.assert_array_equal(keep, want.max(-1) >= 0.2)
+  np.testing.assert_array_equal(keep, [True, False, True, False])
+  _, keep = losses.soft_labels(jnp.asarray(sim), jnp.float32(temp), 0.15)
+  np.testing.assert_array_equal(keep, [True, True, True, True])
+
+
+def test_pem_loss_against_numpy():
+  rng = np.random.default_rng(2)
+  logits = rng.normal(size=(5, 7)).astype(np.float32)
+  labels = _np_softmax(rng.normal(size=(5, 7)) * 3).astype(np.float32)
+  keep = np.array([True, False, True, True, False])
+  per, m = losses.pem_loss(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(keep))
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  ce = -(labels * logp).sum(-1)
+  np.testing.assert_allclose(per, np.where(keep, ce, 0.0), rtol=1e-5)
+  assert float(m["pem/kept_frac"]) == pytest.approx(0.6)
+  agree = logits.argmax(-1) == labels.argmax(-1)
+  assert float(m["pem/acc"]) == pytest.approx(agree[keep].mean())
+  _, m = losses.pem_loss(jnp.asarray(logits), jnp.asarray(labels), jnp.zeros(5, bool))
+  assert float(m["pem/acc"]) == 0.0 and float(m["pem/kept_frac"]) == 0.0
+
+
+def test_pem_head_shapes_and_logical_axes():
+  c = alpro_pretrain.get_config("tiny").model
+  cfg = alpro_lib.alpro_config(c, vocab_size=64)
+  model = alpro_lib.ALPRO(dataclasses.replace(cfg, num_entities=5))
+  video = jnp.zeros((2, 2, 32, 32, 3))
+  ids = jnp.zeros((2, 6), jnp.int32)
+  boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), video, ids,
+                                            jnp.ones((2, 6), jnp.int32)))["params"]
+  head = boxed["pem_head"]
+  d = cfg.text.hidden
+  assert head["dense"]["kernel"].value.shape == (d, 2 * d)
+  assert head["out"]["kernel"].value.shape == (2 * d, 5)
+  assert head["dense"]["kernel"].names == ("embed", "mlp")
+  assert head["out"]["kernel"].names == ("mlp", "entities")
+  assert head["out"]["bias"].names == ("entities",)
+  assert "pem_head" not in jax.eval_shape(lambda: alpro_lib.ALPRO(cfg).init(
+      jax.random.PRNGKey(0), video, ids, jnp.ones((2, 6), jnp.int32)))["params"]
+  with pytest.raises(ValueError, match="num_entities"):
+    dataclasses.replace(cfg, num_entities=-1)
+
+
+def test_prompter_config_is_vtc_only_with_the_same_model():
+  pre = alpro_pretrain.get_config("demo")
+  pro = alpro_prompter.get_config("demo")
+  assert pro.model.to_dict() == pre.model.to_dict()
+  assert pro.data.to_dict() == pre.data.to_dict()
+  assert pro.loss.to_dict() == dict(vtc=1.0, vtm=0.0, mlm=0.0, pem=0.0)
+  assert pro.num_steps == pre.pem.prompter_steps
+  assert alpro_prompter.get_config("tiny,num_steps=3").num_steps == 3
+  with pytest.raises(ValueError, match="nope"):
+    alpro_prompter.get_config("nope")
+
+
+# ------------------------------------------------------------------ training with PEM
+def _tiny(data_dir, **overrides):
+  c = alpro_pretrain.get_config("tiny")
+  c.data.dir = str(data_dir)
+  c.data.eval_splits = ""
+  c.pem.threshold = 0.0  # a 10-step prompter is not confident: keep every label
+  for k, v in overrides.items():
+    node = c
+    *parents, leaf = k.split(".")
+    for name in parents:
+      node = node[name]
+    node[leaf] = v
+  return c
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  from vlp_jax.data import synthetic
+  path = tmp_path_factory.mktemp("data")
+  synthetic.ensure(str(path), alpro_pretrain.get_config("tiny").data.synthetic)
+  return path
+
+
+# One checkpoint per run (saves dominate tiny runs on 8 simulated devices); the same step
+# program (num_steps enters the lr schedule) in every test, so it compiles once.
+RUN = {"num_steps": 2, "log_every": 1, "ckpt_every": 100}
+
+
+@pytest.fixture(scope="module")
+def pretrain_dir(tmp_path_factory, data_dir):
+  """A tiny pre-training run with PEM that trains its own prompter (pem.prompter = "")."""
+  workdir = tmp_path_factory.mktemp("pretrain")
+  loop.train(_tiny(data_dir, **RUN), str(workdir))
+  return workdir
+
+
+def test_pretraining_trains_its_prompter_and_logs_pem(pretrain_dir):
+  prompter = [r for r in read_metrics(pretrain_dir / "prompter") if r["split"] == "train"]
+  assert prompter[-1]["step"] == 10  # tiny: pem.prompter_steps
+  assert "loss/vtm" not in prompter[-1] and "loss/pem" not in prompter[-1]
+  rows = [r for r in read_metrics(pretrain_dir) if r["split"] == "train"]
+  assert [r["step"] for r in rows] == [1, 2]
+  for r in rows:
+    assert r["loss/pem"] > 0 and math.isfinite(r["loss/pem"])
+    assert r["pem/kept_frac"] == 1.0 and 0.0 <= r["pem/acc"] <= 1.0
+    assert r["data/image_frac"] in (0.0, 1.0)  # a batch is all video or all images
+    parts = r["loss/vtc"] + r["loss/vtm"] + r["loss/mlm"] + r["loss/pem"]
+    assert r["loss"] == pytest.approx(parts, rel=1e-4)
+
+
+def test_prompter_is_frozen_outside_the_optimizer(tmp_path, data_dir, pretrain_dir):
+  c = _tiny(data_dir, **RUN, **{"pem.prompter": str(pretrain_dir / "prompter")})
+  run = loop.Run(c, str(tmp_path))
+  assert not os.path.exists(tmp_path / "prompter")  # loaded, not trained again
+  frozen = run.frozen
+  assert sorted(frozen) == ["entities_image", "entities_video", "prompter"]
+  assert sorted(frozen["prompter"]) == ["temp", "video_encoder", "vision_proj"]
+  for name in ("entities_video", "entities_image"):
+    x = np.asarray(frozen[name])
+    assert x.shape == (8, c.model.embed_dim)
+    np.testing.assert_allclose(np.linalg.norm(x, axis=-1), 1.0, rtol=1e-5)
+  assert not np.allclose(frozen["entities_video"], frozen["entities_image"])
+  # The prompter's weights are the prompter run's, not this run's fresh ones ...
+  from vlp_jax.train import init as init_lib
+  src, _ = init_lib.load_run_params(str(pretrain_dir / "prompter"),
+                                    lambda r: run.task._init(run.task.prompter, r),
+                                    run.mesh, run.rules)
+  kernel = lambda tree: np.asarray(tree["vision_proj"]["kernel"])
+  np.testing.assert_array_equal(kernel(frozen["prompter"]), kernel(src))
+  assert not np.array_equal(kernel(src), kernel(run.state.params))
+  # ... and nothing of it is in the trained params or the optimizer state.
+  params_shapes = [x.shape for x in jax.tree.leaves(run.state.params) if x.ndim]
+  opt_shapes = [x.shape for x in jax.tree.leaves(run.state.opt_state) if x.ndim]
+  assert sorted(opt_shapes) == sorted(params_shapes * 2)  # Adam's mu and nu, nothing else
+
+  from vlp_jax.data import setup
+  loader = setup.train_loader(c, run.data_dir, run.text, run.batch_per_process)
+  batch = shd.host_to_global(next(loader), run.mesh, run.rules, keys=run.device_keys)
+  before = jax.device_get(frozen)
+  head = np.asarray(run.state.params["pem_head"]["out"]["kernel"])
+  step = run.train_step()
+  state, m = step(run.state, batch)  # lr 0 at step 0 (warm-up), so take a second step
+  state, m = step(state, batch)
+  assert math.isfinite(float(m["loss/pem"])) and float(m["loss/pem"]) > 0
+  assert not np.array_equal(head, np.asarray(state.params["pem_head"]["out"]["kernel"]))
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(jax.device_get(run.frozen))):
+    np.testing.assert_array_equal(a, b)
+  run.checkpointer.close()
+
+
+def test_soft_labels_carry_no_gradient():
+  sim = jnp.asarray(np.random.default_rng(0).normal(size=(3, 4)), jnp.float32)
+  f = lambda s, t: jnp.sum(losses.soft_labels(s, t, 0.2)[0] * jnp.arange(4.0))
+  g_sim, g_temp = jax.grad(f, argnums=(0, 1))(sim, jnp.float32(0.1))
+  assert float(jnp.max(jnp.abs(g_sim))) == 0.0 and float(g_temp) == 0.0
+
+
+def test_pem_configuration_errors(tmp_path, data_dir):
+  c = _tiny(data_dir)
+  task = task_lib.ALPROTask(c, 64)
+  assert task.entities == ["circle", "square", "triangle", "star", "cross", "diamond",
+                           "hexagon", "ring"]
+  assert task.model.config.num_entities == 8 and task.prompter.config.num_entities == 0
+  assert "is_image" in task.device_keys  # tiny mixes image batches
+  b = jax.tree.map(jnp.asarray, task.dummy_batch(2))
+  with pytest.raises(ValueError, match="frozen prompter"):
+    jax.eval_shape(lambda r: task.loss(task.init_params(r), b, r), jax.random.PRNGKey(0))
+  with pytest.raises(ValueError, match="has 8 entities"):
+    task_lib.ALPROTask(_tiny(data_dir, **{"pem.num_entities": 9}), 64)
+  with pytest.raises(FileNotFoundError, match="launch.entities"):
+    task_lib.ALPROTask(_tiny(data_dir, **{"pem.entities": str(tmp_path / "none.txt")}), 64)
+  with pytest.raises(ValueError, match="workdir"):
+    task._ensure_prompter(None)
+  empty = _tiny(data_dir, **{"pem.prompter": str(tmp_path)})
+  with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    loop.Run(empty, str(tmp_path / "run"))

@@ -1,0 +1,1 @@
+"""Pretrained weights in and out: `transformers` checkpoints <-> our Flax params."""

@@ -1,0 +1,94 @@
+"""ALPRO video question answering: fused [CLS] of (question, video) -> MLP over K answers.
+
+The answer vocabulary (the K most frequent training answers, `data/answers.py`) gives every
+question an `answer_idx` in the batch; -1 (out of vocabulary) is ignored by the loss and
+counted wrong by the accuracy.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vlp_jax import losses
+from vlp_jax.models.alpro import ALPRO, alpro_config
+from vlp_jax.train.tasks.alpro import ALPROTask
+
+
+class ALPROQATask(ALPROTask):
+  """ALPRO with the QA head (`model.num_answers` = K); cross-entropy, accuracy evaluation."""
+
+  device_keys = ("video", "text_ids", "text_mask", "answer_idx", "valid")
+
+  def __init__(self, config, vocab_size: int):
+    num_answers = int(config.model.get("num_answers", 0))
+    if num_answers < 1:
+      raise ValueError(f"config.task='alpro_qa' needs config.model.num_answers >= 1 (the "
+                       f"answer vocabulary size), got {num_answers}")
+    self.config = config
+    self.model = ALPRO(alpro_config(config.model, vocab_size))
+
+  def frozen_params(self, mesh, rules, workdir: str | None = None):
+    """None: QA fine-tuning has no frozen teacher (PEM is a pre-training loss)."""
+    del mesh, rules, workdir
+    return None
+
+  def dummy_batch(self, batch_size: int) -> dict[str, np.ndarray]:
+    """`ALPROTask.dummy_batch` plus `answer_idx` int32 [B]."""
+    return dict(super().dummy_batch(batch_size),
+                answer_idx=np.zeros((batch_size,), np.int32))
+
+  def _logits(self, params, batch: dict, rng: jax.Array | None) -> jax.Array:
+    """float32 [B, K] answer logits; dropout on when `rng` is given."""
+    det = rng is None
+    keys = jax.random.split(rng, 3) if rng is not None else (None,) * 3
+    video = self._apply(params, ALPRO.encode_video, batch["video"], deterministic=det,
+                        rng=keys[0])
+    question = self._apply(params, ALPRO.encode_text, batch["text_ids"], batch["text_mask"],
+                           deterministic=det, rng=keys[1])
+    fused = self._apply(params, ALPRO.fuse, question, batch["text_mask"], video,
+                        deterministic=det, rng=keys[2])
+    return self._apply(params, ALPRO.qa_logits, fused)
+
+  def loss(self, params, batch: dict, rng: jax.Array, train: bool = True, frozen=None):
+    """Mean cross-entropy over the batch's questions with an in-vocabulary answer.
+
+    Args:
+      batch: global arrays: video float32 [B,T,H,W,3]; text_ids, text_mask int32 [B,L] (the
+        question); answer_idx int32 [B] (-1 = out of vocabulary).
+    Returns:
+      (scalar float32 loss, metrics `loss/qa`, `qa/train_acc`, `qa/train_oov` (fraction of
+      questions without a target)).
+    """
+    del frozen
+    logits = self._logits(params, batch, rng if train else None)
+    ce, weight, metrics = losses.qa_loss(logits, batch["answer_idx"])
+    loss = jnp.sum(ce) / jnp.maximum(jnp.sum(weight), 1.0)
+    metrics["loss/qa"] = loss
+    metrics["qa/train_oov"] = 1.0 - jnp.mean(weight)
+    return loss, metrics
+
+  @functools.cached_property
+  def _eval_logits(self):
+    """(params, batch) -> {"logits": float32 [B, K], "answer_idx": int32 [B]}."""
+    def fn(params, batch):
+      return {"logits": self._logits(params, batch, None), "answer_idx": batch["answer_idx"]}
+    return fn
+
+  def evaluate(self, params, batches, mesh, rules, frozen=None) -> dict[str, float]:
+    """Accuracy over every question of one pass of an eval loader.
+
+    Returns:
+      `qa/accuracy` (percent; out-of-vocabulary answers count wrong) and `qa/oov` (percent
+      of questions whose answer is outside the vocabulary: 100 - qa/oov bounds the accuracy).
+    """
+    del frozen
+    from vlp_jax.eval import features, qa
+    rows, keep = features.collect_rows(self._eval_logits, params, batches, mesh, rules)
+    valid = np.zeros((rows["answer_idx"].shape[0],), bool)
+    valid[keep] = True
+    oov = jnp.sum((rows["answer_idx"] < 0) & jnp.asarray(valid))
+    return {"qa/accuracy": qa.qa_accuracy(rows["logits"], rows["answer_idx"], valid),
+            "qa/oov": 100.0 * float(oov) / keep.size}
