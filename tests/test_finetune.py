@@ -84,7 +84,7 @@ def test_paper_presets():
   ret, didemo = alpro_retrieval.get_config("msrvtt"), alpro_retrieval.get_config("didemo")
   assert alpro_retrieval.get_config("base").to_dict() == dict(ret.to_dict(), preset="base")
   assert (ret.data.num_frames, ret.optim.lr, ret.batch_size) == (8, 2.5e-5, 64)
-  assert ret.num_steps == -(-5 * 140_200 // 64)  # 5 epochs over MSRVTT's caption pairs
+  assert ret.num_steps == -(-5 * 180_000 // 64)  # 5 epochs over MSRVTT-9k's caption pairs
   assert (didemo.data.num_frames, didemo.optim.lr, didemo.batch_size) == (8, 4e-5, 96)
   assert didemo.num_steps == -(-10 * 8_395 // 96)
   qa, msvd = alpro_qa.get_config("msrvtt_qa"), alpro_qa.get_config("msvd_qa")
