@@ -1,7 +1,6 @@
 """Mixed video + image-text training: the step choice, the loader, and the synthetic images."""
 import io
 import json
-import os
 
 import numpy as np
 import pytest
