@@ -15,19 +15,11 @@ import flax.linen as nn  # noqa: E402
 from flax import traverse_util  # noqa: E402
 
 from vlp_jax.convert import bert as bert_conv  # noqa: E402
+from helpers import perturb  # noqa: E402
 from vlp_jax.convert import hf, hf_io  # noqa: E402
 from vlp_jax.models.alpro import ALPRO, ALPROConfig, TextConfig, VideoConfig  # noqa: E402
 
 VOCAB, LAYERS, FUSION = 60, 3, 2
-
-
-def _perturb(model):
-  """Random non-trivial values everywhere (biases and LayerNorms are 0 / 1 at init)."""
-  gen = torch.Generator().manual_seed(0)
-  with torch.no_grad():
-    for p in model.parameters():
-      p.add_(0.05 * torch.randn(p.shape, generator=gen))
-  return model.eval()
 
 
 def _bert_config(**kw):
@@ -60,7 +52,7 @@ def _max_diff(a, b):
 def mlm(tmp_path_factory):
   """A random BertForMaskedLM saved with save_pretrained: (dir, torch model)."""
   torch.manual_seed(0)
-  model = _perturb(transformers.BertForMaskedLM(_bert_config()))
+  model = perturb(transformers.BertForMaskedLM(_bert_config()))
   path = str(tmp_path_factory.mktemp("bert_mlm"))
   model.save_pretrained(path)
   return path, model

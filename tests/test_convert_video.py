@@ -12,6 +12,7 @@ transformers = pytest.importorskip("transformers")
 
 from flax import traverse_util  # noqa: E402
 
+from helpers import perturb  # noqa: E402
 from vlp_jax.convert import hf, hf_io  # noqa: E402
 from vlp_jax.convert import timesformer as tsf_conv  # noqa: E402
 from vlp_jax.models import timesformer as tsf_lib  # noqa: E402
@@ -19,15 +20,6 @@ from vlp_jax.models.alpro import ALPRO, ALPROConfig, TextConfig, VideoConfig  # 
 
 SIZES = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
              patch_size=8)
-
-
-def _perturb(model):
-  """Random non-trivial values everywhere (biases, LayerNorms, time embeddings)."""
-  gen = torch.Generator().manual_seed(0)
-  with torch.no_grad():
-    for p in model.parameters():
-      p.add_(0.05 * torch.randn(p.shape, generator=gen))
-  return model.eval()
 
 
 def _save(model, root, name):
@@ -45,9 +37,9 @@ def checkpoints(tmp_path_factory):
   for kind in ("divided_space_time", "space_only"):
     cfg = transformers.TimesformerConfig(image_size=24, num_frames=2, attention_type=kind,
                                          **SIZES)
-    model = _perturb(transformers.TimesformerModel(cfg))
+    model = perturb(transformers.TimesformerModel(cfg))
     out[kind] = (_save(model, root, kind), model)
-  vit = _perturb(transformers.ViTModel(transformers.ViTConfig(image_size=16, **SIZES)))
+  vit = perturb(transformers.ViTModel(transformers.ViTConfig(image_size=16, **SIZES)))
   out["vit"] = (_save(vit, root, "vit"), vit)
   return out
 

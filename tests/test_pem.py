@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from configs import alpro_pretrain, alpro_prompter
+from helpers import tiny_config
 from vlp_jax import losses
 from vlp_jax.models import alpro as alpro_lib
 from vlp_jax.parallel import sharding as shd
@@ -178,17 +179,8 @@ def test_prompter_config_is_vtc_only_with_the_same_model():
 
 # ------------------------------------------------------------------ training with PEM
 def _tiny(data_dir, **overrides):
-  c = alpro_pretrain.get_config("tiny")
-  c.data.dir = str(data_dir)
-  c.data.eval_splits = ""
-  c.pem.threshold = 0.0  # a 10-step prompter is not confident: keep every label
-  for k, v in overrides.items():
-    node = c
-    *parents, leaf = k.split(".")
-    for name in parents:
-      node = node[name]
-    node[leaf] = v
-  return c
+  # A 10-step prompter is not confident: keep every label.
+  return tiny_config(data_dir, **{"data.eval_splits": "", "pem.threshold": 0.0, **overrides})
 
 
 @pytest.fixture(scope="module")

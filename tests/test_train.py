@@ -6,20 +6,13 @@ import numpy as np
 import pytest
 
 from configs import alpro_pretrain
+from helpers import tiny_config
 from vlp_jax.train import loop
 from vlp_jax.train.metrics import read_metrics
 
 
 def _tiny(data_dir, **overrides):
-  c = alpro_pretrain.get_config("tiny")
-  c.data.dir = str(data_dir)
-  for k, v in overrides.items():
-    node = c
-    *parents, leaf = k.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
-  return c
+  return tiny_config(data_dir, **overrides)
 
 
 @pytest.fixture(scope="module")

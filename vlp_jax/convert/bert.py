@@ -134,8 +134,8 @@ def _import_mlm_head(src: hf_io.TensorSource, params: dict, root: tuple[str, ...
 
 
 def bert_params(path: str, dtype: Any = jnp.float32
-                ) -> tuple[bert_lib.BertModel, dict, list[str]]:
-  """A checkpoint as our `BertModel` (all layers, text only).
+                ) -> tuple[bert_lib.BertTextEncoder, dict, list[str]]:
+  """A checkpoint as our `BertTextEncoder` over all its layers (text only).
 
   Returns:
     (module, params, unused): params a nested dict of float32 numpy arrays; unused the
@@ -144,7 +144,7 @@ def bert_params(path: str, dtype: Any = jnp.float32
   config, tensors = hf_io.load_pretrained(path)
   check_config(config, path)
   cfg = text_config(config)
-  module = bert_lib.BertModel(cfg, dtype)
+  module = bert_lib.BertTextEncoder(cfg, dtype, num_layers=cfg.layers)
   ids = jnp.zeros((1, 1), jnp.int32)
   template = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), ids, ids))["params"]
   params = hf_io.to_mutable(nn.unbox(template))
@@ -159,7 +159,8 @@ def bert_params(path: str, dtype: Any = jnp.float32
   return module, params, src.unused()
 
 
-def import_bert(path: str, dtype: Any = jnp.float32) -> tuple[bert_lib.BertModel, dict]:
+def import_bert(path: str, dtype: Any = jnp.float32
+                ) -> tuple[bert_lib.BertTextEncoder, dict]:
   """Imports a `BertModel` / `BertForMaskedLM` checkpoint directory.
 
   Args:
@@ -273,7 +274,7 @@ def export_alpro_text(params: Mapping, text: TextConfig, pad_token_id: int = 0
 
 
 def export_bert(params: Mapping, text: TextConfig) -> tuple[dict, dict[str, hf_io.LazyTensor]]:
-  """Our `BertModel` params (from `import_bert`) as a `BertModel` checkpoint."""
+  """Our text-only BERT params (from `import_bert`) as a `BertModel` checkpoint."""
   tensors = layout.export_rules(
       EMBEDDING_RULES + [layout.Rule(_POSITION, ("embeddings", "position_embeddings",
                                                  "embedding"))], params, "")

@@ -241,26 +241,6 @@ class BertMLMHead(nn.Module):
     return layers.constrain(logits + bias, ("batch", "length", "vocab"))
 
 
-class PEMHead(nn.Module):
-  """ALPRO's PEM head: MLP `D -> 2D -> K` with ReLU, in float32.
-
-  Attributes:
-    hidden: D.
-    num_entities: K.
-  """
-  hidden: int
-  num_entities: int
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """x `[B, D]` -> float32 logits `[B, K]`."""
-    h = layers.dense(2 * self.hidden, ("embed", "mlp"), dtype=jnp.float32, name="dense")(
-        x.astype(jnp.float32))
-    logits = layers.dense(self.num_entities, ("mlp", "entities"), dtype=jnp.float32,
-                          name="out")(nn.relu(h))
-    return layers.constrain(logits, ("batch", "entities"))
-
-
 class _Transform(nn.Module):
   hidden: int
   dtype: Any = jnp.float32
@@ -273,12 +253,12 @@ class _Transform(nn.Module):
 
 
 class MLPHead(nn.Module):
-  """Classifier MLP `D -> 2D -> K` with ReLU, in float32 (ALPRO's QA head, ClipBERT style).
+  """Classifier MLP `D -> 2D -> K` with ReLU, in float32 (ALPRO's QA and PEM heads).
 
   Attributes:
     hidden: D.
     num_classes: K.
-    class_axis: logical name of the K axis ("classes").
+    class_axis: logical name of the K axis ("classes" for QA, "entities" for PEM).
   """
   hidden: int
   num_classes: int
@@ -320,7 +300,7 @@ class ALPRO(nn.Module):
     if c.num_answers > 0:
       self.qa_head = MLPHead(c.text.hidden, c.num_answers, "classes")
     if c.num_entities:
-      self.pem_head = PEMHead(c.text.hidden, c.num_entities)
+      self.pem_head = MLPHead(c.text.hidden, c.num_entities, "entities")
 
   def __call__(self, video: jax.Array, text_ids: jax.Array, text_mask: jax.Array,
                deterministic: bool = True) -> dict[str, jax.Array]:

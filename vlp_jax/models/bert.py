@@ -138,23 +138,28 @@ class BertLayerStack(nn.Module):
 
 
 class BertTextEncoder(nn.Module):
-  """Embeddings + BERT layers `[0, fusion_layer)`.
+  """Embeddings + BERT layers `[0, num_layers)` (default `[0, fusion_layer)`).
+
+  With `num_layers = config.layers` it is HF `BertModel` (text only, last hidden state), which
+  is what `vlp_jax.convert.hf.import_bert` returns.
 
   Attributes:
     config: a `TextConfig`.
     dtype: compute dtype.
     attention: "xla" | "cudnn".
     remat: remat policy name.
+    num_layers: layers to run; None = `config.fusion_layer`.
   """
   config: Any
   dtype: Any = jnp.float32
   attention: str = "xla"
   remat: str = "none"
+  num_layers: int | None = None
 
   def setup(self):
     self.embeddings = BertEmbeddings(self.config, self.dtype)
-    self.encoder = BertLayerStack(self.config, 0, self.config.fusion_layer, self.dtype,
-                                  self.attention, self.remat)
+    n = self.config.fusion_layer if self.num_layers is None else self.num_layers
+    self.encoder = BertLayerStack(self.config, 0, n, self.dtype, self.attention, self.remat)
 
   def __call__(self, input_ids: jax.Array, mask: jax.Array, deterministic: bool = True):
     """input_ids int `[B, L]`, mask int/bool `[B, L]` (1 = token) -> `[B, L, D]` in `dtype`."""
@@ -164,27 +169,6 @@ class BertTextEncoder(nn.Module):
   def word_embedding_matrix(self) -> jax.Array:
     """The float32 `[vocab, D]` word-embedding table."""
     return self.embeddings.word_embedding_matrix()
-
-
-class BertModel(nn.Module):
-  """Embeddings + every layer `[0, layers)` over text alone: HF `BertModel`'s last hidden state.
-
-  The same param names as `BertTextEncoder`, with all layers under `encoder`; used to check
-  imported checkpoints against `transformers`.
-  """
-  config: Any
-  dtype: Any = jnp.float32
-  attention: str = "xla"
-  remat: str = "none"
-
-  def setup(self):
-    self.embeddings = BertEmbeddings(self.config, self.dtype)
-    self.encoder = BertLayerStack(self.config, 0, self.config.layers, self.dtype,
-                                  self.attention, self.remat)
-
-  def __call__(self, input_ids: jax.Array, mask: jax.Array, deterministic: bool = True):
-    """input_ids int `[B, L]`, mask int/bool `[B, L]` (1 = token) -> `[B, L, D]` in `dtype`."""
-    return self.encoder(self.embeddings(input_ids, deterministic), mask, deterministic)
 
 
 class BertFusionEncoder(nn.Module):
