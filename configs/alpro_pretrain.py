@@ -7,14 +7,24 @@ synthetic "moving shapes" corpus generated into WORKDIR/data), `base` (paper siz
 + bert-base, 4 frames, 224 px, batch 256; set `data.dir` and `data.vocab` to real data).
 
 PEM's teacher is a prompter: the same model trained with VTC only (configs/alpro_prompter.py).
-With `pem.prompter` = "" the run trains it into WORKDIR/prompter first (`pem.prompter_steps`,
-logged) unless it is already there; or point `pem.prompter` at a prompter run's WORKDIR.
+With `pem.prompter` = "" `launch.train` trains it into WORKDIR/prompter first (the stage of
+`stages()` below, `pem.prompter_steps`) unless it is already there; or point `pem.prompter` at
+a prompter run's WORKDIR.
 Entities: `pem.entities` ("" = DATA_DIR/entities.txt, which the synthetic corpus writes; build
 one for real data with `python -m launch.entities`).
 """
+import copy
+import os
+
 import ml_collections
 
 from vlp_jax import config as config_lib
+
+
+def retrieval_eval(split: str, every: int = 0, rerank_k: int = 0) -> ml_collections.ConfigDict:
+  """A `config.evals` entry of ALPRO's retrieval evaluator on `split`."""
+  return ml_collections.ConfigDict(dict(type="retrieval", split=split, every=every,
+                                        rerank_k=rerank_k))
 
 
 def base() -> ml_collections.ConfigDict:
@@ -29,7 +39,6 @@ def base() -> ml_collections.ConfigDict:
   c.data.dir = ""
   c.data.vocab = ""                     # vocab.txt for the BERT tokenizer; "" = DIR/vocab.txt
   c.data.train_split = "train"
-  c.data.eval_splits = "test"           # comma-separated
   c.data.num_frames = 4
   c.data.image_size = 224
   c.data.train_sampling = "rand"        # rand | headtail | uniform
@@ -95,17 +104,24 @@ def base() -> ml_collections.ConfigDict:
       aspect=(0.3, 1 / 0.3),   # region height / width
   ))
 
-  c.optim = ml_collections.ConfigDict(dict(
+  # One optimizer per parameter collection (`optim.<collection>`; ALPRO has `model`), see
+  # vlp_jax/core/optim.py: `frozen` = regex of parameter paths that are not trained,
+  # `lr_mult` = ((regex, multiplier), ...). `grad_accum`: micro-batches per step.
+  c.optim = ml_collections.ConfigDict()
+  c.optim.grad_accum = 1
+  c.optim.model = ml_collections.ConfigDict(dict(
       lr=1e-4, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.01, warmup_frac=0.05, end_lr_frac=0.0,
-      clip_norm=20.0, grad_accum=1))
+      clip_norm=20.0, frozen="", lr_mult=()))
 
   c.batch_size = 256                    # global, over all processes
   c.num_steps = 100_000
   c.log_every = 50
-  c.eval_every = 5000                   # 0 = only at the end
+  # Evaluators, each run at the end of training and every `every` steps (0 = only at the end);
+  # `type` is one of the task's evaluators. ALPRO's `retrieval` re-ranks each query's top
+  # `rerank_k` by VTC sim + VTM logit (0 = VTC ranks only).
+  c.evals = ml_collections.ConfigDict()
+  c.evals.test = retrieval_eval("test", every=5000)
   c.eval_batch_size = 256
-  # Retrieval eval: re-rank each query's top-k by VTC sim + VTM logit (0 = VTC ranks only).
-  c.eval_rerank_k = 0
   c.ckpt_every = 1000
   c.keep_ckpts = 3
   c.progress = True
@@ -137,12 +153,12 @@ def _tiny(c):
                        mlp_dim=64)
   c.model.text.update(hidden=32, layers=2, fusion_layer=1, heads=2, mlp_dim=64, max_position=64)
   c.model.embed_dim = 16
-  c.optim.update(lr=3e-3, warmup_frac=0.1)
+  c.optim.model.update(lr=3e-3, warmup_frac=0.1)
   c.batch_size = 8
   c.eval_batch_size = 8
   c.num_steps = 30
   c.log_every = 5
-  c.eval_every = 0
+  c.evals.test.every = 0
   c.ckpt_every = 10
   c.progress = False
   # The 8 shape nouns of entities.txt; the prompter saves once (at its last step).
@@ -156,18 +172,19 @@ def _demo(c):
   # headtail (frames 0, 2, 5, 7 of 8) is symmetric in time: a reversed clip yields the same
   # frame set, so only temporal modelling, not a sampling bias, can tell directions apart.
   c.data.update(num_frames=4, image_size=40, shuffle_buffer=1024, max_text_len=16,
-                eval_splits="test,test_unseen", eval_sampling="headtail")
+                eval_sampling="headtail")
   c.model.video.update(image_size=40, patch_size=8, num_frames=4, hidden=128, layers=4, heads=4,
                        mlp_dim=256)
   c.model.text.update(hidden=128, layers=4, fusion_layer=2, heads=4, mlp_dim=256,
                       max_position=64)
   c.model.embed_dim = 128
-  c.optim.update(lr=1e-3, warmup_frac=0.05)
+  c.optim.model.update(lr=1e-3, warmup_frac=0.05)
   c.batch_size = 32
   c.eval_batch_size = 64
   c.num_steps = 1000
   c.log_every = 50
-  c.eval_every = 500
+  c.evals.test = retrieval_eval("test", every=500)
+  c.evals.test_unseen = retrieval_eval("test_unseen", every=500)
   c.ckpt_every = 500
   c.pem.update(num_entities=8, prompter_steps=400, prompter_ckpt_every=400)
 
@@ -181,3 +198,32 @@ PRESETS = {"tiny": _tiny, "demo": _demo, "base": _base}
 
 def get_config(arg=None):
   return config_lib.build(arg, PRESETS, base)
+
+
+def prompter_stage(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The prompter stage of a pre-training config: same model, data and optimiser, VTC only.
+
+  Returns a copy with `loss` = VTC only, `num_steps` = `pem.prompter_steps`, `ckpt_every` =
+  `pem.prompter_ckpt_every`, evaluation only at the end, and no `init.checkpoint`
+  (transformers imports `init.text` / `init.video` stay).
+  """
+  c = copy.deepcopy(config)
+  with c.unlocked():
+    for k in c.loss:
+      c.loss[k] = 1.0 if k == "vtc" else 0.0
+    c.num_steps = int(config.pem.prompter_steps)
+    c.ckpt_every = int(config.pem.prompter_ckpt_every)
+    for ev in c.evals.values():
+      ev.every = 0
+    c.init.checkpoint = ""
+  return c
+
+
+def stages(config: ml_collections.ConfigDict, workdir: str) -> list[tuple[str, object, str]]:
+  """Runs `python -m launch.train` completes before training `config` in `workdir`:
+  [(name, config, workdir)]. PEM with `pem.prompter` = "" needs its prompter in
+  WORKDIR/prompter (`prompter_stage`); random benchmark data uses an untrained one."""
+  if (float(config.loss.pem) > 0 and not config.pem.prompter
+      and config.data.source != "random"):
+    return [("prompter", prompter_stage(config), os.path.join(workdir, "prompter"))]
+  return []

@@ -5,7 +5,7 @@
       --config.pem.prompter=runs/prompter
 
 Preset `X` is `alpro_pretrain.py:X` turned into its prompter stage
-(`vlp_jax.train.tasks.alpro.prompter_stage`): the same model, data (with the same mixed image
+(`alpro_pretrain.prompter_stage`): the same model, data (with the same mixed image
 batches) and optimiser, loss VTC only, `num_steps` = that preset's `pem.prompter_steps`.
 A pre-training run with `pem.prompter=""` (the default) trains exactly this into
 WORKDIR/prompter by itself, so this file is for training the prompter separately (e.g. once,
@@ -17,14 +17,13 @@ minutes on 2 CPU cores), `base` (paper sizes).
 """
 from configs import alpro_pretrain
 from vlp_jax import config as config_lib
-from vlp_jax.train.tasks.alpro import prompter_stage
 
 PRESETS = alpro_pretrain.PRESETS
 
 
 def get_config(arg=None):
   preset, overrides = config_lib.parse_arg(arg, "demo")
-  config = prompter_stage(alpro_pretrain.get_config(preset))
+  config = alpro_pretrain.prompter_stage(alpro_pretrain.get_config(preset))
   for key, text in overrides:
     config_lib.apply_override(config, key, text)
   return config

@@ -19,6 +19,8 @@ writes: records with aligned `question/string` / `answer/string`, splits `train`
 """
 import math
 
+import ml_collections
+
 from configs import alpro_pretrain
 from vlp_jax import config as config_lib
 
@@ -29,24 +31,31 @@ def base():
   c.model.num_answers = 1500
   c.loss.update(vtc=0.0, vtm=0.0, mlm=0.0, pem=0.0)  # pre-training losses: unused here
   c.data.image_ratio = 0.0  # video questions only (no image batches)
+  c.evals = ml_collections.ConfigDict({"test": qa_eval("test")})
   return c
+
+
+def qa_eval(split: str, every: int = 0) -> ml_collections.ConfigDict:
+  """A `config.evals` entry of the QA evaluator (answer accuracy) on `split`."""
+  return ml_collections.ConfigDict(dict(type="qa", split=split, every=every))
 
 
 def _paper(c, *, num_answers, epochs, train_questions, clip_norm):
   c.data.synthetic.generate = False
   c.model.num_answers = num_answers
-  c.data.update(num_frames=16, max_text_len=40, image_size=224, eval_splits="test",
-                train_sampling="rand", eval_sampling="uniform")
+  c.data.update(num_frames=16, max_text_len=40, image_size=224, train_sampling="rand",
+                eval_sampling="uniform")
   c.model.video.num_frames = 4  # pre-training's time embedding, interpolated to 16 frames
   c.model.remat = "full"        # 16 frames: gradient checkpointing, as ALPRO
   c.model.text.dropout = 0.1
   # 8 GPUs x 12 x 2 accumulation steps (config_release/msrvtt_qa.json, msvd_qa.json).
   c.batch_size = 192
-  c.optim.update(lr=5e-5, warmup_frac=0.1, end_lr_frac=0.0, clip_norm=clip_norm,
-                 weight_decay=1e-3, grad_accum=2)
+  c.optim.grad_accum = 2
+  c.optim.model.update(lr=5e-5, warmup_frac=0.1, end_lr_frac=0.0, clip_norm=clip_norm,
+                       weight_decay=1e-3)
   c.num_steps = math.ceil(epochs * train_questions / c.batch_size)
   c.eval_batch_size = 64
-  c.eval_every = 0
+  c.evals = ml_collections.ConfigDict({"test": qa_eval("test")})
   c.ckpt_every = 1000
   c.log_every = 50
 
@@ -62,6 +71,7 @@ def _msvd_qa(c):
 def _tiny(c):
   alpro_pretrain.PRESETS["tiny"](c)
   c.model.num_answers = 8  # small: some test answers are out of vocabulary
+  c.evals = ml_collections.ConfigDict({"test": qa_eval("test")})
   c.num_steps = 6
   c.log_every = 3
   c.ckpt_every = 6
@@ -71,10 +81,10 @@ def _demo(c):
   # The demo pre-training's model and corpus; 4 questions per clip.
   alpro_pretrain.PRESETS["demo"](c)
   c.model.num_answers = 32  # every colour, shape, motion, size and count + a few rare answers
-  c.optim.update(lr=2.5e-4, warmup_frac=0.1, clip_norm=5.0, weight_decay=1e-3)
+  c.optim.model.update(lr=2.5e-4, warmup_frac=0.1, clip_norm=5.0, weight_decay=1e-3)
+  c.evals = ml_collections.ConfigDict({n: qa_eval(n) for n in ("test", "test_unseen")})
   c.num_steps = 300
   c.log_every = 25
-  c.eval_every = 0
   c.ckpt_every = 300
 
 

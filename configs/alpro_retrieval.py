@@ -3,7 +3,7 @@
   python -m launch.train --config=configs/alpro_retrieval.py:demo --workdir=runs/ret \
       [--config.init.checkpoint=runs/pretrain]
 
-Evaluation ranks by VTC similarity and re-ranks each query's top `eval_rerank_k` candidates by
+Evaluation ranks by VTC similarity and re-ranks each query's top `evals.<name>.rerank_k` candidates by
 VTC similarity + VTM positive logit (both directions); `retrieval/...` holds the re-ranked
 metrics, `retrieval_vtc/...` the VTC-only ones.
 
@@ -20,6 +20,8 @@ pre-training WORKDIR) when set, else from a fresh init.
 """
 import math
 
+import ml_collections
+
 from configs import alpro_pretrain
 from vlp_jax import config as config_lib
 
@@ -28,20 +30,20 @@ def base():
   c = alpro_pretrain.base()
   c.loss.update(mlm=0.0, pem=0.0)
   c.data.image_ratio = 0.0  # video-text pairs only (no image batches)
-  c.eval_rerank_k = 128
+  c.evals.test.rerank_k = 128
   return c
 
 
 def _finetune(c, *, lr, warmup_frac=0.1, clip_norm, weight_decay=1e-3):
   """ALPRO's fine-tuning optimiser (official configs): AdamW, 10 % warm-up, linear decay."""
-  c.optim.update(lr=lr, warmup_frac=warmup_frac, end_lr_frac=0.0, clip_norm=clip_norm,
-                 weight_decay=weight_decay)
+  c.optim.model.update(lr=lr, warmup_frac=warmup_frac, end_lr_frac=0.0, clip_norm=clip_norm,
+                       weight_decay=weight_decay)
 
 
 def _paper(c, *, num_frames, max_text_len, batch_size, epochs, train_pairs, lr, clip_norm):
   c.data.synthetic.generate = False
   c.data.update(num_frames=num_frames, max_text_len=max_text_len, image_size=224,
-                eval_splits="test", train_sampling="rand", eval_sampling="uniform")
+                train_sampling="rand", eval_sampling="uniform")
   # The time embedding keeps the pre-training's 4 frames (so `init.checkpoint` matches in
   # shape); the model interpolates it to the input's frame count.
   c.model.video.num_frames = 4
@@ -51,7 +53,8 @@ def _paper(c, *, num_frames, max_text_len, batch_size, epochs, train_pairs, lr, 
   # Steps = epochs over the (video, text) training pairs, as the official code counts them.
   c.num_steps = math.ceil(epochs * train_pairs / batch_size)
   c.eval_batch_size = 64
-  c.eval_every = 0
+  c.evals = ml_collections.ConfigDict({"test": alpro_pretrain.retrieval_eval("test",
+                                                                             rerank_k=128)})
   c.ckpt_every = 1000
   c.log_every = 50
 
@@ -71,7 +74,7 @@ def _didemo(c):
 
 def _tiny(c):
   alpro_pretrain.PRESETS["tiny"](c)
-  c.eval_rerank_k = 4
+  c.evals.test.rerank_k = 4
   c.num_steps = 6
   c.log_every = 3
   c.ckpt_every = 6
@@ -81,10 +84,10 @@ def _demo(c):
   # The demo pre-training's model and corpus, fine-tuned with VTC + VTM for 300 steps.
   alpro_pretrain.PRESETS["demo"](c)
   _finetune(c, lr=2.5e-4, clip_norm=5.0)
-  c.eval_rerank_k = 16
+  for ev in c.evals.values():
+    ev.update(rerank_k=16, every=0)
   c.num_steps = 300
   c.log_every = 25
-  c.eval_every = 0
   c.ckpt_every = 300
 
 

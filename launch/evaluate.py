@@ -1,11 +1,11 @@
-"""Evaluate a checkpoint of a run on the config's eval splits.
+"""Evaluate a checkpoint of a run with the config's evaluators (`config.evals`); never trains.
 
   python -m launch.evaluate --config=configs/alpro_pretrain.py:demo --workdir=runs/demo [--step=N]
 
 Zero-shot evaluation of another run's weights: a WORKDIR without checkpoints plus
 `--config.init.checkpoint=PRETRAIN_WORKDIR` (logged as step 0).
 
-Metrics are printed and appended to WORKDIR/metrics.jsonl under each split's name.
+Metrics are printed and appended to WORKDIR/metrics.jsonl under each evaluator's split.
 """
 import json
 
@@ -21,22 +21,12 @@ flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the la
 def main(argv):
   del argv
   common.setup(FLAGS)
-  from vlp_jax.train import loop, metrics
-  run = loop.Run(FLAGS.config, FLAGS.workdir)
-  step = run.restore(step=FLAGS.step)
-  if step is None:
-    # Zero-shot: a run of its own with no checkpoint evaluates the weights `config.init`
-    # names (e.g. init.checkpoint = a pre-training WORKDIR).
-    init = FLAGS.config.get("init")
-    if FLAGS.step is not None or init is None or not any(
-        init.get(k, "") for k in ("checkpoint", "text", "video")):
-      raise app.UsageError(f"no checkpoint in {run.checkpointer.manager.directory} and no "
-                           "config.init.checkpoint / init.text / init.video to evaluate")
-    run.apply_init()
-    step = 0
-  writer = metrics.MetricWriter(run.workdir, tensorboard=False)
-  results = run.evaluate(step, writer)
-  run.checkpointer.close()
+  import vlp_jax.methods  # noqa: F401  (registers the built-in tasks)
+  from vlp_jax.core import trainer
+  try:
+    step, results = trainer.evaluate(FLAGS.config, FLAGS.workdir, FLAGS.step)
+  except FileNotFoundError as e:
+    raise app.UsageError(str(e)) from None
   print(json.dumps({"step": step, **results}, indent=2))
 
 

@@ -1,13 +1,16 @@
 """Train a model from a config.
 
   python -m launch.train --config=configs/alpro_pretrain.py:demo --workdir=runs/demo \
-      [--config.optim.lr=3e-4 ...]
+      [--config.optim.model.lr=3e-4 ...]
 
-Resumes automatically from the latest checkpoint in --workdir. Multi-host: run the same
-command on every host with --coordinator=HOST:PORT --num_processes=N --process_id=I, or with
---distributed to let `jax.distributed.initialize()` detect a TPU pod, SLURM or Open MPI.
+Resumes automatically from the latest checkpoint in --workdir. When the config file defines
+`stages(config, workdir)` (e.g. ALPRO's PEM prompter), those runs are trained first unless
+complete (launch/stages.py). Multi-host: run the same command on every host with
+--coordinator=HOST:PORT --num_processes=N --process_id=I, or with --distributed to let
+`jax.distributed.initialize()` detect a TPU pod, SLURM or Open MPI.
 """
 from absl import app, flags
+from ml_collections import config_flags
 
 from launch import common
 
@@ -18,8 +21,9 @@ common.define_run_flags("Directory for checkpoints, metrics and generated data."
 def main(argv):
   del argv
   common.setup(FLAGS)
-  from vlp_jax.train import loop
-  loop.train(FLAGS.config, FLAGS.workdir)
+  from launch import stages
+  module = stages.config_module(config_flags.get_config_filename(FLAGS["config"]))
+  stages.train(FLAGS.config, FLAGS.workdir, getattr(module, "stages", None))
 
 
 if __name__ == "__main__":

@@ -25,10 +25,18 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+import ml_collections
+
+import vlp_jax.methods  # noqa: F401  (registers the built-in tasks)
 from vlp_jax.convert import bert as bert_conv
-from vlp_jax.convert import hf_io
+from vlp_jax.convert import hf, hf_io
 from vlp_jax.convert import timesformer as tsf_conv
+from vlp_jax.core import init as init_lib
+from vlp_jax.core import task as task_lib
+from vlp_jax.data import setup as data_setup
 from vlp_jax.models.alpro import ALPRO, ALPROConfig
+from vlp_jax.parallel import mesh as mesh_lib
+from vlp_jax.parallel import sharding as shd
 
 PLATFORMS = ("cpu", "cuda", "tpu")
 # Must match the data pipeline's normalisation (vlp_jax/data/pipeline.py CLIP_MEAN / CLIP_STD).
@@ -180,7 +188,6 @@ def export_artifact(params: Mapping, model_cfg: ALPROConfig, out_dir: str, *, nu
 
 def load_run_config(workdir: str):
   """The run's config (WORKDIR/config.json, written by launch.train) as a ConfigDict."""
-  import ml_collections
   file = os.path.join(workdir, "config.json")
   if not os.path.isfile(file):
     raise FileNotFoundError(f"{file} not found: launch.export needs a run directory written "
@@ -204,14 +211,9 @@ def restore_params(config, workdir: str, step: int | None = None) -> RestoredRun
 
   Works from any sharded layout the run was saved in; nothing is gathered on an accelerator.
   """
-  from vlp_jax.data import setup as data_setup
-  from vlp_jax.parallel import mesh as mesh_lib
-  from vlp_jax.parallel import sharding as shd
-  from vlp_jax.train import init as init_lib
-  from vlp_jax.train.tasks import get_task
   data_dir = config.data.dir or os.path.join(workdir, "data")
   text = data_setup.text_info(config, data_dir)
-  task = get_task(config, text.vocab_size)
+  task = task_lib.build(config, text)
   vocab = None
   if text.tokenizer is not None:
     vocab = config.data.vocab or os.path.join(data_dir, "vocab.txt")
@@ -233,7 +235,6 @@ def export_run(workdir: str, out_dir: str, step: int | None = None,
   Returns:
     The export.json contents.
   """
-  from vlp_jax.convert import hf
   config = load_run_config(workdir)
   run = restore_params(config, workdir, step)
   params, model = run.params, getattr(run.task, "model", None)

@@ -69,24 +69,28 @@ def text_info(config, data_dir: str | None, workdir: str | None = None) -> TextI
   return TextInfo(t, len(t), answers)
 
 
-def train_loader(config, data_dir: str | None, text: TextInfo, batch_per_process: int):
-  """Infinite host-local batches for training (this process's rows of each global batch).
+def stream_loader(config, data_dir: str | None, text: TextInfo, stream, batch_per_process: int):
+  """Infinite host-local batches of one named stream (this process's rows of each global batch).
 
-  With `data.image_ratio` > 0, each step is instead, with that probability, a batch of the
-  still images of split `data.image_split` in `data.image_dir` ("" = the data directory):
-  a `mixture.MixtureLoader`, whose batches also carry `is_image` bool [B].
+  Args:
+    stream: a `vlp_jax.core.task.Stream`: its `split` (None = `data.train_split`),
+      `seed_offset` and `image_mix`. With `image_mix` and `data.image_ratio` > 0, each step is
+      instead, with that probability, a batch of the still images of split `data.image_split`
+      in `data.image_dir` ("" = the data directory): a `mixture.MixtureLoader`, whose batches
+      also carry `is_image` bool [B].
   """
   d = config.data
-  video = _train_loader(config, data_dir, d.train_split, text, batch_per_process, config.seed)
+  seed = int(config.seed) + int(stream.seed_offset)
+  split = stream.split or d.train_split
+  video = _train_loader(config, data_dir, split, text, batch_per_process, seed)
   ratio = float(d.get("image_ratio", 0.0))
-  if ratio <= 0.0:
+  if not stream.image_mix or ratio <= 0.0:
     return video
   from vlp_jax.data import mixture
   image_dir = os.path.abspath(d.image_dir) if d.get("image_dir", "") else data_dir
   # Another seed: the two loaders' shuffles and MLM masks are independent.
-  image = _train_loader(config, image_dir, d.image_split, text, batch_per_process,
-                        config.seed + 1)
-  return mixture.MixtureLoader(video, image, ratio, config.seed)
+  image = _train_loader(config, image_dir, d.image_split, text, batch_per_process, seed + 1)
+  return mixture.MixtureLoader(video, image, ratio, seed)
 
 
 def _train_loader(config, data_dir, split, text, batch_per_process, seed):
@@ -114,8 +118,3 @@ def eval_loader(config, data_dir: str, split: str, text: TextInfo, batch_per_pro
                 tokenizer=text.tokenizer, num_frames=d.num_frames, image_size=d.image_size,
                 process_index=jax.process_index(), process_count=jax.process_count(),
                 data_dir=data_dir, answer_vocab=text.answers)
-
-
-def eval_splits(config) -> list[str]:
-  return [s.strip() for s in str(config.data.eval_splits).split(",") if s.strip()]
-

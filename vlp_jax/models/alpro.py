@@ -210,12 +210,6 @@ def alpro_config(model_cfg: Any, vocab_size: int) -> ALPROConfig:
   return ALPROConfig(video=video, text=text, **top)
 
 
-def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-  """`x / max(||x||, eps)` along the last axis (torch `F.normalize`)."""
-  norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True))
-  return x / jnp.maximum(norm, eps)
-
-
 class BertMLMHead(nn.Module):
   """HF `BertLMPredictionHead`: transform (dense, GELU, LayerNorm), tied decoder + bias.
 
@@ -346,11 +340,11 @@ class ALPRO(nn.Module):
 
   def video_feature(self, video_tokens: jax.Array) -> jax.Array:
     """`[B, 1+N, D]` -> float32 `[B, E]`, L2-normalised projection of the CLS token."""
-    return l2_normalize(self.vision_proj(video_tokens[:, 0].astype(jnp.float32)))
+    return layers.l2_normalize(self.vision_proj(video_tokens[:, 0].astype(jnp.float32)))
 
   def text_feature(self, text_tokens: jax.Array) -> jax.Array:
     """`[B, L, D]` -> float32 `[B, E]`, L2-normalised projection of the [CLS] token."""
-    return l2_normalize(self.text_proj(text_tokens[:, 0].astype(jnp.float32)))
+    return layers.l2_normalize(self.text_proj(text_tokens[:, 0].astype(jnp.float32)))
 
   def temperature(self) -> jax.Array:
     """float32 scalar in [0.001, 0.5].

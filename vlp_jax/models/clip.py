@@ -30,7 +30,6 @@ import jax
 import jax.numpy as jnp
 
 from vlp_jax.models import layers
-from vlp_jax.models.alpro import l2_normalize
 
 _INIT = nn.initializers.normal(0.02)
 
@@ -476,6 +475,6 @@ class CLIP(nn.Module):
 
   def similarity(self, image_features: jax.Array, text_features: jax.Array) -> jax.Array:
     """HF `logits_per_image`: `exp(logit_scale) * cos(image, text)`, float32 `[B_i, B_t]`."""
-    img = l2_normalize(image_features.astype(jnp.float32))
-    txt = l2_normalize(text_features.astype(jnp.float32))
+    img = layers.l2_normalize(image_features.astype(jnp.float32))
+    txt = layers.l2_normalize(text_features.astype(jnp.float32))
     return jnp.exp(self.logit_scale) * img @ txt.T

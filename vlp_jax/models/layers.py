@@ -18,7 +18,7 @@ Initializer = Callable[..., Any]
 
 # Logical axis names models/ may use on parameters and activations.
 LOGICAL_AXES = ("batch", "frames", "length", "embed", "heads", "kv", "mlp", "vocab",
-                "classes")
+                "entities", "classes", "prompts")
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 ATTENTION_IMPLS = ("xla", "cudnn")
@@ -264,3 +264,9 @@ class Intermediate(nn.Module):
     if self.dropout:
       y = nn.Dropout(self.dropout)(y, deterministic)
     return y
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+  """`x / max(||x||, eps)` along the last axis (torch `F.normalize`)."""
+  norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True))
+  return x / jnp.maximum(norm, eps)

@@ -7,7 +7,7 @@ the one place that turns those names into `NamedSharding`s and host batches into
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -47,6 +47,35 @@ def logical_to_sharding(tree: Any, mesh: Mesh, rules: Rules) -> Any:
   return nn.logical_to_mesh_sharding(specs, mesh, rules)
 
 
+def sharded_init(init_fn: Callable[[jax.Array], Any], rng: jax.Array, mesh: Mesh,
+                 rules: Rules) -> tuple[Any, Any]:
+  """Runs `init_fn(rng)` (logically boxed leaves) straight into its sharded layout.
+
+  Nothing is ever materialised whole on one device: the shapes come from `jax.eval_shape`,
+  the values from a jit with the boxes' shardings as `out_shardings`.
+
+  Returns:
+    (unboxed values, matching `NamedSharding`s).
+  """
+  with activate(mesh, rules):
+    abstract = jax.eval_shape(init_fn, rng)
+    shardings = logical_to_sharding(abstract, mesh, rules)
+    values = jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=shardings)(rng)
+  return values, shardings
+
+
+def abstract_sharded(init_fn: Callable[[jax.Array], Any], mesh: Mesh, rules: Rules
+                     ) -> tuple[Any, Any]:
+  """(tree of `jax.ShapeDtypeStruct` with shardings, shardings) of `init_fn`'s output, unboxed;
+  `init_fn` is traced, never run."""
+  with activate(mesh, rules):
+    abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
+    shardings = logical_to_sharding(abstract, mesh, rules)
+  structs = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                         nn.unbox(abstract), shardings)
+  return structs, shardings
+
+
 def batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 1) -> NamedSharding:
   """Sharding of an array whose leading dimension is the global batch."""
   spec = nn.logical_to_mesh_axes(("batch",) + (None,) * (ndim - 1), rules)
@@ -75,19 +104,23 @@ def batch_size_per_process(global_batch: int, mesh: Mesh, rules: Rules) -> int:
   return global_batch // jax.process_count()
 
 
-def host_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh, rules: Rules,
-                   keys: Sequence[str] | None = None) -> dict[str, jax.Array]:
+def host_to_global(batch: Mapping[str, Any], mesh: Mesh, rules: Rules) -> dict[str, Any]:
   """Assembles host-local batch rows into global arrays sharded along `batch`.
 
-  Each process passes its own rows (leading dimension = global batch / process count); the
-  result's leading dimension is the global batch. Non-numeric entries (ids, strings) are dropped.
+  `batch` is a (nested) dict of numeric numpy arrays, e.g. {stream: {key: array}}. Each process
+  passes its own rows (leading dimension = global batch / process count); the result's leading
+  dimension is the global batch.
+
+  Raises:
+    TypeError: a leaf that is not a numeric (bool, int, float) array; the message names its key
+      path. Select the device keys first (strings and ids stay on the host).
   """
-  out = {}
-  for k, v in batch.items():
-    if keys is not None and k not in keys:
-      continue
-    v = np.asarray(v)
+  def convert(path: str, value):
+    if isinstance(value, Mapping):
+      return {k: convert(f"{path}/{k}" if path else str(k), v) for k, v in value.items()}
+    v = np.asarray(value)
     if v.dtype.kind not in "biuf":
-      continue
-    out[k] = jax.make_array_from_process_local_data(batch_sharding(mesh, rules, v.ndim), v)
-  return out
+      raise TypeError(f"batch entry {path!r} has dtype {v.dtype}, which cannot go to the "
+                      "devices; leave it out of the stream's device keys")
+    return jax.make_array_from_process_local_data(batch_sharding(mesh, rules, v.ndim), v)
+  return convert("", batch)

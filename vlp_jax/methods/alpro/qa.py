@@ -1,8 +1,8 @@
 """ALPRO video question answering: fused [CLS] of (question, video) -> MLP over K answers.
 
-The answer vocabulary (the K most frequent training answers, `data/answers.py`) gives every
-question an `answer_idx` in the batch; -1 (out of vocabulary) is ignored by the loss and
-counted wrong by the accuracy.
+Task `alpro_qa` (configs/alpro_qa.py). The answer vocabulary (the K most frequent training
+answers, `data/answers.py`) gives every question an `answer_idx` in the batch; -1 (out of
+vocabulary) is ignored by the loss and counted wrong by the `qa` evaluator.
 """
 from __future__ import annotations
 
@@ -13,24 +13,33 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlp_jax import losses
+from vlp_jax.core import task as task_lib
+from vlp_jax.eval import features
+from vlp_jax.eval import qa as qa_lib
+from vlp_jax.methods.alpro.pretrain import ALPROTask
 from vlp_jax.models.alpro import ALPRO, alpro_config
-from vlp_jax.train.tasks.alpro import ALPROTask
+
+QA_KEYS = ("video", "text_ids", "text_mask", "answer_idx", "valid")
 
 
+@task_lib.register("alpro_qa")
 class ALPROQATask(ALPROTask):
-  """ALPRO with the QA head (`model.num_answers` = K); cross-entropy, accuracy evaluation."""
+  """ALPRO with the QA head (`model.num_answers` = K); cross-entropy, evaluator `qa`."""
 
-  device_keys = ("video", "text_ids", "text_mask", "answer_idx", "valid")
-
-  def __init__(self, config, vocab_size: int):
+  def __init__(self, config, text):
     num_answers = int(config.model.get("num_answers", 0))
     if num_answers < 1:
       raise ValueError(f"config.task='alpro_qa' needs config.model.num_answers >= 1 (the "
                        f"answer vocabulary size), got {num_answers}")
-    self.config = config
-    self.model = ALPRO(alpro_config(config.model, vocab_size))
+    task_lib.Task.__init__(self, config, text)
+    self.weights = {}
+    self.entities = []
+    self.model = ALPRO(alpro_config(config.model, text.vocab_size))
 
-  def frozen_params(self, mesh, rules, workdir: str | None = None):
+  def streams(self) -> dict[str, task_lib.Stream]:
+    return {"train": task_lib.Stream(keys=QA_KEYS)}
+
+  def load_frozen(self, mesh, rules, workdir: str) -> None:
     """None: QA fine-tuning has no frozen teacher (PEM is a pre-training loss)."""
     del mesh, rules, workdir
     return None
@@ -52,18 +61,20 @@ class ALPROQATask(ALPROTask):
                         deterministic=det, rng=keys[2])
     return self._apply(params, ALPRO.qa_logits, fused)
 
-  def loss(self, params, batch: dict, rng: jax.Array, train: bool = True, frozen=None):
+  def loss(self, params, batches, rng, *, train, frozen=None):
     """Mean cross-entropy over the batch's questions with an in-vocabulary answer.
 
     Args:
-      batch: global arrays: video float32 [B,T,H,W,3]; text_ids, text_mask int32 [B,L] (the
-        question); answer_idx int32 [B] (-1 = out of vocabulary).
+      params: {"model": ALPRO params}.
+      batches: {"train": global arrays: video float32 [B,T,H,W,3]; text_ids, text_mask int32
+        [B,L] (the question); answer_idx int32 [B] (-1 = out of vocabulary)}.
     Returns:
       (scalar float32 loss, metrics `loss/qa`, `qa/train_acc`, `qa/train_oov` (fraction of
       questions without a target)).
     """
     del frozen
-    logits = self._logits(params, batch, rng if train else None)
+    batch = batches["train"]
+    logits = self._logits(params["model"], batch, rng if train else None)
     ce, weight, metrics = losses.qa_loss(logits, batch["answer_idx"])
     loss = jnp.sum(ce) / jnp.maximum(jnp.sum(weight), 1.0)
     metrics["loss/qa"] = loss
@@ -77,18 +88,21 @@ class ALPROQATask(ALPROTask):
       return {"logits": self._logits(params, batch, None), "answer_idx": batch["answer_idx"]}
     return fn
 
-  def evaluate(self, params, batches, mesh, rules, frozen=None) -> dict[str, float]:
+  def _evaluate_qa(self, params, batches, mesh, rules, eval_cfg) -> dict[str, float]:
     """Accuracy over every question of one pass of an eval loader.
 
     Returns:
       `qa/accuracy` (percent; out-of-vocabulary answers count wrong) and `qa/oov` (percent
       of questions whose answer is outside the vocabulary: 100 - qa/oov bounds the accuracy).
     """
-    del frozen
-    from vlp_jax.eval import features, qa
-    rows, keep = features.collect_rows(self._eval_logits, params, batches, mesh, rules)
+    del eval_cfg
+    rows, keep = features.collect_rows(self._eval_logits, params["model"], batches, mesh, rules)
     valid = np.zeros((rows["answer_idx"].shape[0],), bool)
     valid[keep] = True
     oov = jnp.sum((rows["answer_idx"] < 0) & jnp.asarray(valid))
-    return {"qa/accuracy": qa.qa_accuracy(rows["logits"], rows["answer_idx"], valid),
+    return {"qa/accuracy": qa_lib.qa_accuracy(rows["logits"], rows["answer_idx"], valid),
             "qa/oov": 100.0 * float(oov) / keep.size}
+
+  def evaluators(self) -> dict[str, task_lib.Evaluator]:
+    """`qa`: answer accuracy over the answer vocabulary."""
+    return {"qa": self._evaluate_qa}

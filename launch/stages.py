@@ -1,0 +1,57 @@
+"""Multi-stage recipes: the runs a config needs finished before its own training.
+
+A config file may define `stages(config, workdir) -> [(name, stage_config, stage_workdir)]`
+(configs/alpro_pretrain.py: PEM's prompter). `launch.train` trains each stage that is not yet
+at its last step, in order, then the config itself; a task never starts a run.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from types import ModuleType
+from typing import Callable
+
+from absl import logging
+
+import vlp_jax.methods  # noqa: F401  (registers the built-in tasks)
+from vlp_jax.core import checkpoint as ckpt_lib
+from vlp_jax.core import trainer
+
+StagesFn = Callable[[object, str], list]
+
+
+def config_module(path: str) -> ModuleType:
+  """Imports a config file (`configs/x.py`) as a module, to read its `stages`."""
+  path = os.path.abspath(path)
+  root = os.path.dirname(os.path.dirname(path))
+  name = f"{os.path.basename(os.path.dirname(path))}.{os.path.splitext(os.path.basename(path))[0]}"
+  if name in sys.modules and os.path.abspath(getattr(sys.modules[name], "__file__", "")) == path:
+    return sys.modules[name]
+  if root not in sys.path:  # configs import each other as `configs.<name>`
+    sys.path.insert(0, root)
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def run_stages(config, workdir: str, stages: StagesFn | None, devices=None) -> None:
+  """Trains every stage of `stages(config, workdir)` that has not reached its last step."""
+  for name, stage_config, stage_dir in (stages(config, workdir) if stages else []):
+    done = ckpt_lib.latest_step(stage_dir) or 0
+    if done >= int(stage_config.num_steps):
+      logging.info("stage %s: complete in %s (step %d)", name, stage_dir, done)
+      continue
+    logging.info("stage %s: training %d steps in %s", name, stage_config.num_steps, stage_dir)
+    results = trainer.train(stage_config, stage_dir, devices=devices)
+    logging.info("stage %s: done: %s", name, {
+        k: {m: round(v, 2) for m, v in r.items() if "R@" in m or m == "loss"}
+        for k, r in results.items()})
+
+
+def train(config, workdir: str, stages: StagesFn | None = None, *, devices=None,
+          stop_at: int | None = None) -> dict:
+  """Runs the stages, then trains `config` in `workdir` (resuming); returns its results."""
+  run_stages(config, workdir, stages, devices)
+  return trainer.train(config, workdir, devices=devices, stop_at=stop_at)

@@ -1,0 +1,5 @@
+"""The methods built on `vlp_jax.core`, one folder each; importing this package registers their
+tasks (`config.task`). A method never imports another method."""
+from vlp_jax.methods import alpro
+
+__all__ = ["alpro"]

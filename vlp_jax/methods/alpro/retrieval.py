@@ -1,0 +1,119 @@
+"""ALPRO's retrieval evaluator: rank by VTC similarity, re-rank the top k by VTM, contrast probes.
+
+`config.evals.<name> = dict(type="retrieval", split=..., every=..., rerank_k=K)`: with K > 0
+the top-k of every query (both directions) are re-ranked by VTC similarity + VTM positive logit
+(ALPRO's evaluation); `retrieval/...` then holds the re-ranked metrics and `retrieval_vtc/...`
+the VTC-only ones.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vlp_jax.eval import features, rerank
+from vlp_jax.eval import retrieval as retrieval_lib
+from vlp_jax.models import layers
+from vlp_jax.models.alpro import ALPRO
+from vlp_jax.parallel import sharding as shd
+
+
+class RetrievalEvaluator:
+  """`evaluator(params, batches, mesh, rules, eval_cfg) -> metrics` for an ALPRO module.
+
+  Args:
+    model: the ALPRO module whose `model` collection is evaluated.
+    pairs_per_call: about how many fused pairs one VTM re-ranking call scores.
+  """
+
+  def __init__(self, model: ALPRO, pairs_per_call: int):
+    self.model = model
+    self.pairs_per_call = int(pairs_per_call)
+
+  def _apply(self, params, method, *args):
+    return self.model.apply({"params": params}, *args, method=method)
+
+  def _features(self, params, batch, tokens: bool) -> dict[str, jax.Array]:
+    """float32 features `video`, `text` [B,E]; with `tokens` also `video_tokens` [B,1+N,D],
+    `text_tokens` [B,L,D], `text_mask` [B,L]; with contrast probes in the batch `probe`
+    [B,2,E] and `has_probe` bool [B]."""
+    video = self._apply(params, ALPRO.encode_video, batch["video"])
+    text = self._apply(params, ALPRO.encode_text, batch["text_ids"], batch["text_mask"])
+    out = {"video": self._apply(params, ALPRO.video_feature, video),
+           "text": self._apply(params, ALPRO.text_feature, text)}
+    if tokens:  # what VTM re-ranking fuses later
+      out.update(video_tokens=video, text_tokens=text, text_mask=batch["text_mask"])
+    if "probe_ids" in batch:
+      b, _, length = batch["probe_ids"].shape
+      probe = self._apply(params, ALPRO.encode_text, batch["probe_ids"].reshape(2 * b, length),
+                          batch["probe_mask"].reshape(2 * b, length))
+      out["probe"] = self._apply(params, ALPRO.text_feature, probe).reshape(b, 2, -1)
+      out["has_probe"] = batch["has_probe"]
+    return out
+
+  @functools.cached_property
+  def _embed(self):
+    return functools.partial(self._features, tokens=False)
+
+  @functools.cached_property
+  def _embed_tokens(self):
+    return functools.partial(self._features, tokens=True)
+
+  @functools.cached_property
+  def _vtm_pair_logit(self):
+    """Jitted (params, text_tokens, text_mask, video_tokens, text_rows, video_rows) ->
+    float32 [P]: VTM positive logit of the fused pairs (text_rows[p], video_rows[p])."""
+    def score(params, text_tokens, text_mask, video_tokens, text_rows, video_rows):
+      pairs = lambda x: layers.constrain(x, ("batch",) + (None,) * (x.ndim - 1))
+      fused = self._apply(params, ALPRO.fuse, pairs(text_tokens[text_rows]),
+                          pairs(text_mask[text_rows]), pairs(video_tokens[video_rows]))
+      return self._apply(params, ALPRO.vtm_logits, fused)[:, 1]
+    return jax.jit(score)
+
+  def __call__(self, params, batches, mesh, rules, eval_cfg) -> dict[str, float]:
+    """Retrieval over one pass of an eval loader (text i describes video i).
+
+    Args:
+      params: {"model": ALPRO params}.
+      eval_cfg: the `config.evals.<name>` entry (`rerank_k`, default 0).
+    Returns:
+      metrics with the DESIGN keys (`retrieval/t2v_R@1`, ...; re-ranked when re-ranking is
+      on, and then also the VTC-only ranks under `retrieval_vtc/...`), plus
+      `retrieval/contrast_acc` (percent of clips whose video is closer to its probe caption
+      than to the altered one) when the split carries contrast probes.
+    """
+    params = params["model"]
+    k = int(eval_cfg.get("rerank_k", 0))
+    if k > 0:
+      rows, keep = features.collect_rows(self._embed_tokens, params, batches, mesh, rules)
+      feats = features.take({n: v for n, v in rows.items()
+                             if n in ("video", "text", "probe", "has_probe")}, keep, mesh)
+    else:
+      feats = features.collect(self._embed, params, batches, mesh, rules)
+    sim = features.similarity(feats["text"], feats["video"], mesh, rules)
+    gt = np.arange(sim.shape[0])
+    vtc = retrieval_lib.retrieval_metrics(sim, gt)
+    if k > 0:
+      keep_d = jnp.asarray(keep, jnp.int32)
+
+      def pair_score(text_idx, video_idx):
+        with shd.activate(mesh, rules):
+          logit = self._vtm_pair_logit(params, rows["text_tokens"], rows["text_mask"],
+                                       rows["video_tokens"], keep_d[text_idx.reshape(-1)],
+                                       keep_d[video_idx.reshape(-1)])
+        return logit.reshape(text_idx.shape)
+
+      # About `pairs_per_call` fused pairs per call, evenly split over the batch shards.
+      chunk = rerank.rows_per_chunk(self.pairs_per_call, k, features.batch_shards(mesh, rules))
+      out = {f"retrieval/{n}": v
+             for n, v in rerank.reranked_metrics(sim, gt, k, pair_score, chunk).items()}
+      out.update({f"retrieval_vtc/{n}": v for n, v in vtc.items()})
+    else:
+      out = {f"retrieval/{n}": v for n, v in vtc.items()}
+    if "probe" in feats and bool(jnp.any(feats["has_probe"])):
+      scores = jnp.einsum("be,bke->bk", feats["video"], feats["probe"])
+      right = (scores[:, 0] > scores[:, 1]) & feats["has_probe"]
+      out["retrieval/contrast_acc"] = float(100.0 * jnp.sum(right) / jnp.sum(feats["has_probe"]))
+    return out
