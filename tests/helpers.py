@@ -1,10 +1,12 @@
 """Helpers shared by several test modules (tests/ is on sys.path under pytest)."""
+import ml_collections
+
 from configs import alpro_pretrain
 
 
 def tiny_config(data_dir, **overrides):
   """`alpro_pretrain.py:tiny` reading `data_dir`, with dotted-key overrides (`num_steps=40`,
-  `**{"data.eval_splits": ""}`)."""
+  `**{"pem.threshold": 0.0}`); `evals={}` turns evaluation off."""
   c = alpro_pretrain.get_config("tiny")
   c.data.dir = str(data_dir)
   for k, v in overrides.items():
@@ -12,8 +14,14 @@ def tiny_config(data_dir, **overrides):
     *parents, leaf = k.split(".")
     for name in parents:
       node = node[name]
-    node[leaf] = v
+    node[leaf] = ml_collections.ConfigDict(v) if isinstance(v, dict) else v
   return c
+
+
+def train(config, workdir, **kwargs):
+  """`launch.train`'s path for a pre-training config: its stages (PEM's prompter), then the run."""
+  from launch import stages
+  return stages.train(config, str(workdir), alpro_pretrain.stages, **kwargs)
 
 
 def perturb(model):

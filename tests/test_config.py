@@ -19,17 +19,17 @@ def test_presets_differ_and_record_their_name():
 
 
 def test_inline_overrides_keep_types():
-  c = alpro_pretrain.get_config("tiny,optim.lr=3e-4,num_steps=7,data.flip=true,"
+  c = alpro_pretrain.get_config("tiny,optim.model.lr=3e-4,num_steps=7,data.flip=true,"
                                 "model.video.temporal=none")
-  assert c.optim.lr == pytest.approx(3e-4) and isinstance(c.optim.lr, float)
+  assert c.optim.model.lr == pytest.approx(3e-4) and isinstance(c.optim.model.lr, float)
   assert c.num_steps == 7 and c.data.flip is True and c.model.video.temporal == "none"
-  c = alpro_pretrain.get_config("tiny,optim.lr=1")  # an int literal for a float field
-  assert isinstance(c.optim.lr, float) and c.optim.lr == 1.0
+  c = alpro_pretrain.get_config("tiny,optim.model.lr=1")  # an int literal for a float field
+  assert isinstance(c.optim.model.lr, float) and c.optim.model.lr == 1.0
 
 
 @pytest.mark.parametrize("arg,needle", [
     ("huge", "unknown preset 'huge'"),
-    ("tiny,optim.lrr=1", "unknown config key 'optim.lrr'"),
+    ("tiny,optim.model.lrr=1", "unknown config key 'optim.model.lrr'"),
     ("tiny,nothere.lr=1", "unknown config key 'nothere'"),
     ("tiny,num_steps=abc", "config key 'num_steps' expects int"),
     ("tiny,num_steps=1.5", "config key 'num_steps' expects int"),

@@ -26,8 +26,10 @@ from vlp_jax.data import tokenizer as tok_lib  # noqa: E402
 from vlp_jax.models.alpro import ALPRO  # noqa: E402
 from vlp_jax.parallel import mesh as mesh_lib  # noqa: E402
 from vlp_jax.parallel import sharding as shd  # noqa: E402
-from vlp_jax.train import checkpoint as ckpt_lib  # noqa: E402
-from vlp_jax.train.tasks import get_task  # noqa: E402
+import vlp_jax.methods  # noqa: E402,F401  (registers the tasks)
+from vlp_jax.core import checkpoint as ckpt_lib  # noqa: E402
+from vlp_jax.core import task as task_lib  # noqa: E402
+from vlp_jax.data.setup import TextInfo  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CAPTIONS = ["a red circle moves left", "the video of a blue square", "two shapes"]
@@ -67,7 +69,7 @@ def exported(tmp_path_factory):
   c.mesh.update(data=2, fsdp=2, tensor=1)
   c.data.dir = str(data_dir)  # launch.train writes the resolved data dir into config.json
   c.data.num_frames = 3  # clips longer than model.video.num_frames (2): time embeddings resized
-  task = get_task(c, vocab)
+  task = task_lib.build(c, TextInfo(None, vocab))
   mesh = mesh_lib.make_mesh(c.mesh, jax.devices()[:4])
   rules = shd.rules_from_config(c.sharding_rules)
   with shd.activate(mesh, rules):
@@ -78,7 +80,7 @@ def exported(tmp_path_factory):
   assert any(len(x.sharding.device_set) == 4 and not x.sharding.is_fully_replicated
              for x in jax.tree.leaves(sharded))
   checkpointer = ckpt_lib.Checkpointer(str(workdir), keep=1)
-  checkpointer.save(7, {"params": sharded, "step": np.int32(7)}, None)
+  checkpointer.save(7, {"params": {"model": sharded}, "step": np.int32(7)})
   checkpointer.close()
   (workdir / "config.json").write_text(c.to_json_best_effort(indent=2))
   proc = subprocess.run([sys.executable, "-m", "launch.export", f"--workdir={workdir}",

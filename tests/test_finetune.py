@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from configs import alpro_qa, alpro_retrieval
-from vlp_jax.train import loop
-from vlp_jax.train.metrics import MetricWriter, read_metrics
+from vlp_jax.core import trainer as trainer_lib
+from vlp_jax.core.metrics import MetricWriter, read_metrics
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def retrieval_run(tmp_path_factory, data_dir):
   c = alpro_retrieval.get_config("tiny")
   c.data.dir = data_dir
   workdir = str(tmp_path_factory.mktemp("ret"))
-  return workdir, loop.train(c, workdir)
+  return workdir, trainer_lib.train(c, workdir)
 
 
 def _rows(workdir, split):
@@ -53,7 +53,7 @@ def test_zero_shot_evaluation_of_another_runs_weights(tmp_path, retrieval_run, d
   source, results = retrieval_run
   c = alpro_retrieval.get_config(f"tiny,init.checkpoint={source}")
   c.data.dir = data_dir
-  run = loop.Run(c, str(tmp_path))
+  run = trainer_lib.Trainer(c, str(tmp_path)).build()
   assert run.restore() is None
   run.apply_init()
   got = run.evaluate(0, MetricWriter(str(tmp_path), tensorboard=False))["test"]
@@ -67,7 +67,7 @@ def test_qa_finetune_from_checkpoint_logs_accuracy(tmp_path, retrieval_run, data
   source, _ = retrieval_run
   c = alpro_qa.get_config(f"tiny,init.checkpoint={source}")
   c.data.dir = data_dir
-  results = loop.train(c, str(tmp_path / "qa"))
+  results = trainer_lib.train(c, str(tmp_path / "qa"))
   train = _rows(tmp_path / "qa", "train")
   assert [r["step"] for r in train] == [3, 6]
   assert all(np.isfinite(r["loss/qa"]) for r in train)
@@ -83,12 +83,12 @@ def test_paper_presets():
   from vlp_jax.models.alpro import alpro_config
   ret, didemo = alpro_retrieval.get_config("msrvtt"), alpro_retrieval.get_config("didemo")
   assert alpro_retrieval.get_config("base").to_dict() == dict(ret.to_dict(), preset="base")
-  assert (ret.data.num_frames, ret.optim.lr, ret.batch_size) == (8, 2.5e-5, 64)
+  assert (ret.data.num_frames, ret.optim.model.lr, ret.batch_size) == (8, 2.5e-5, 64)
   assert ret.num_steps == -(-5 * 180_000 // 64)  # 5 epochs over MSRVTT-9k's caption pairs
-  assert (didemo.data.num_frames, didemo.optim.lr, didemo.batch_size) == (8, 4e-5, 96)
+  assert (didemo.data.num_frames, didemo.optim.model.lr, didemo.batch_size) == (8, 4e-5, 96)
   assert didemo.num_steps == -(-10 * 8_395 // 96)
   qa, msvd = alpro_qa.get_config("msrvtt_qa"), alpro_qa.get_config("msvd_qa")
-  assert (qa.data.num_frames, qa.model.remat, qa.optim.lr, qa.model.num_answers) == (
+  assert (qa.data.num_frames, qa.model.remat, qa.optim.model.lr, qa.model.num_answers) == (
       16, "full", 5e-5, 1500)
   assert qa.batch_size == 192 and qa.optim.grad_accum == 2
   assert msvd.model.num_answers == 2423 and msvd.num_steps == -(-15 * 30_933 // 192)
@@ -97,4 +97,5 @@ def test_paper_presets():
     assert c.model.video.num_frames == 4  # the pre-training's time embedding, interpolated
     alpro_config(c.model, 30522)  # a valid model at bert-base vocabulary size
   for c in (ret, didemo):
-    assert c.eval_rerank_k > 0 and c.task == "alpro"
+    assert c.evals.test.rerank_k > 0 and c.evals.test.type == "retrieval"
+    assert c.task == "alpro"

@@ -5,8 +5,8 @@ import pytest
 from flax import traverse_util
 
 from configs import alpro_pretrain
-from vlp_jax.train import init as init_lib
-from vlp_jax.train import loop
+from vlp_jax.core import init as init_lib
+from vlp_jax.core.trainer import Trainer
 
 
 def _config(**model_text):
@@ -22,8 +22,8 @@ def _config(**model_text):
 def source(tmp_path_factory):
   """A run with one checkpoint (step 3) of its fresh seed-0 params."""
   workdir = str(tmp_path_factory.mktemp("source"))
-  run = loop.Run(_config(), workdir, devices=jax.devices()[:4])
-  run.checkpointer.save(3, run.state, None)
+  run = Trainer(_config(), workdir, devices=jax.devices()[:4]).build()
+  run.checkpointer.save(3, run.state)
   run.checkpointer.close()
   return workdir, run
 
@@ -33,7 +33,7 @@ def test_init_checkpoint_copies_matching_params_and_keeps_new_ones(tmp_path, sou
   c = _config(layers=3)  # one more fusion layer than the source has
   c.seed = 1
   c.init.checkpoint = workdir
-  run = loop.Run(c, str(tmp_path), devices=jax.devices()[:4])
+  run = Trainer(c, str(tmp_path), devices=jax.devices()[:4]).build()
   fresh = traverse_util.flatten_dict(jax.device_get(run.state.params))
   run.apply_init()
   got = traverse_util.flatten_dict(jax.device_get(run.state.params))
@@ -54,7 +54,7 @@ def test_load_run_params_restores_sharded(source):
   workdir, src = source
   params, shardings = init_lib.load_run_params(workdir, src.task.init_params, src.mesh,
                                                src.rules)
-  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(src.state.params)):
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(src.state.params["model"])):
     np.testing.assert_array_equal(jax.device_get(a), jax.device_get(b))
   for a, s in zip(jax.tree.leaves(params), jax.tree.leaves(shardings)):
     assert a.sharding == s
@@ -65,7 +65,7 @@ def test_init_errors_name_the_problem(tmp_path, source):
   c = _config(hidden=48, heads=2)
   c.model.video.hidden = 48
   c.init.checkpoint = workdir
-  run = loop.Run(c, str(tmp_path / "wide"), devices=jax.devices()[:4])
+  run = Trainer(c, str(tmp_path / "wide"), devices=jax.devices()[:4]).build()
   with pytest.raises(ValueError, match=r"has shape \(32,\) .* but \(48,\)"):
     run.apply_init()
   with pytest.raises(FileNotFoundError, match="no run directory"):

@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 
 from configs import alpro_pretrain, alpro_prompter
-from helpers import tiny_config
+from helpers import tiny_config, train
 from vlp_jax import losses
+from vlp_jax.core import init as init_lib
+from vlp_jax.core.metrics import read_metrics
+from vlp_jax.core.trainer import Trainer
+from vlp_jax.data.setup import TextInfo
+from vlp_jax.methods.alpro import pretrain as task_lib
 from vlp_jax.models import alpro as alpro_lib
-from vlp_jax.parallel import sharding as shd
-from vlp_jax.train import loop
-from vlp_jax.train.metrics import read_metrics
-from vlp_jax.train.tasks import alpro as task_lib
 
 
 # ------------------------------------------------------------------ numpy references
@@ -180,7 +181,7 @@ def test_prompter_config_is_vtc_only_with_the_same_model():
 # ------------------------------------------------------------------ training with PEM
 def _tiny(data_dir, **overrides):
   # A 10-step prompter is not confident: keep every label.
-  return tiny_config(data_dir, **{"data.eval_splits": "", "pem.threshold": 0.0, **overrides})
+  return tiny_config(data_dir, **{"evals": {}, "pem.threshold": 0.0, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +201,7 @@ RUN = {"num_steps": 2, "log_every": 1, "ckpt_every": 100}
 def pretrain_dir(tmp_path_factory, data_dir):
   """A tiny pre-training run with PEM that trains its own prompter (pem.prompter = "")."""
   workdir = tmp_path_factory.mktemp("pretrain")
-  loop.train(_tiny(data_dir, **RUN), str(workdir))
+  train(_tiny(data_dir, **RUN), str(workdir))
   return workdir
 
 
@@ -220,9 +221,10 @@ def test_pretraining_trains_its_prompter_and_logs_pem(pretrain_dir):
 
 def test_prompter_is_frozen_outside_the_optimizer(tmp_path, data_dir, pretrain_dir):
   c = _tiny(data_dir, **RUN, **{"pem.prompter": str(pretrain_dir / "prompter")})
-  run = loop.Run(c, str(tmp_path))
+  run = Trainer(c, str(tmp_path)).build()
+  frozen_run = run.load_frozen()
   assert not os.path.exists(tmp_path / "prompter")  # loaded, not trained again
-  frozen = run.frozen
+  frozen = frozen_run.params
   assert sorted(frozen) == ["entities_image", "entities_video", "prompter"]
   assert sorted(frozen["prompter"]) == ["temp", "video_encoder", "vision_proj"]
   for name in ("entities_video", "entities_image"):
@@ -231,29 +233,27 @@ def test_prompter_is_frozen_outside_the_optimizer(tmp_path, data_dir, pretrain_d
     np.testing.assert_allclose(np.linalg.norm(x, axis=-1), 1.0, rtol=1e-5)
   assert not np.allclose(frozen["entities_video"], frozen["entities_image"])
   # The prompter's weights are the prompter run's, not this run's fresh ones ...
-  from vlp_jax.train import init as init_lib
   src, _ = init_lib.load_run_params(str(pretrain_dir / "prompter"),
-                                    lambda r: run.task._init(run.task.prompter, r),
+                                    lambda r: run.task.init_module(run.task.prompter, r),
                                     run.mesh, run.rules)
   kernel = lambda tree: np.asarray(tree["vision_proj"]["kernel"])
   np.testing.assert_array_equal(kernel(frozen["prompter"]), kernel(src))
-  assert not np.array_equal(kernel(src), kernel(run.state.params))
+  assert not np.array_equal(kernel(src), kernel(run.state.params["model"]))
   # ... and nothing of it is in the trained params or the optimizer state.
   params_shapes = [x.shape for x in jax.tree.leaves(run.state.params) if x.ndim]
   opt_shapes = [x.shape for x in jax.tree.leaves(run.state.opt_state) if x.ndim]
   assert sorted(opt_shapes) == sorted(params_shapes * 2)  # Adam's mu and nu, nothing else
 
-  from vlp_jax.data import setup
-  loader = setup.train_loader(c, run.data_dir, run.text, run.batch_per_process)
-  batch = shd.host_to_global(next(loader), run.mesh, run.rules, keys=run.device_keys)
+  loader = run.loaders()["train"]
+  batch = run.device_batches({"train": next(loader)})
   before = jax.device_get(frozen)
-  head = np.asarray(run.state.params["pem_head"]["out"]["kernel"])
-  step = run.train_step()
+  head = np.asarray(run.state.params["model"]["pem_head"]["out"]["kernel"])
+  step = run.update_fn(frozen_run)
   state, m = step(run.state, batch)  # lr 0 at step 0 (warm-up), so take a second step
   state, m = step(state, batch)
   assert math.isfinite(float(m["loss/pem"])) and float(m["loss/pem"]) > 0
-  assert not np.array_equal(head, np.asarray(state.params["pem_head"]["out"]["kernel"]))
-  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(jax.device_get(run.frozen))):
+  assert not np.array_equal(head, np.asarray(state.params["model"]["pem_head"]["out"]["kernel"]))
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(jax.device_get(frozen_run.params))):
     np.testing.assert_array_equal(a, b)
   run.checkpointer.close()
 
@@ -267,20 +267,28 @@ def test_soft_labels_carry_no_gradient():
 
 def test_pem_configuration_errors(tmp_path, data_dir):
   c = _tiny(data_dir)
-  task = task_lib.ALPROTask(c, 64)
+  text = TextInfo(None, 64)
+  task = task_lib.ALPROTask(c, text)
   assert task.entities == ["circle", "square", "triangle", "star", "cross", "diamond",
                            "hexagon", "ring"]
   assert task.model.config.num_entities == 8 and task.prompter.config.num_entities == 0
-  assert "is_image" in task.device_keys  # tiny mixes image batches
-  b = jax.tree.map(jnp.asarray, task.dummy_batch(2))
+  assert "is_image" in task.streams()["train"].keys  # tiny mixes image batches
+  b = {"train": jax.tree.map(jnp.asarray, task.dummy_batch(2))}
   with pytest.raises(ValueError, match="frozen prompter"):
-    jax.eval_shape(lambda r: task.loss(task.init_params(r), b, r), jax.random.PRNGKey(0))
+    jax.eval_shape(lambda r: task.loss(task.init_collections(r), b, r, train=True),
+                   jax.random.PRNGKey(0))
   with pytest.raises(ValueError, match="has 8 entities"):
-    task_lib.ALPROTask(_tiny(data_dir, **{"pem.num_entities": 9}), 64)
+    task_lib.ALPROTask(_tiny(data_dir, **{"pem.num_entities": 9}), text)
   with pytest.raises(FileNotFoundError, match="launch.entities"):
-    task_lib.ALPROTask(_tiny(data_dir, **{"pem.entities": str(tmp_path / "none.txt")}), 64)
-  with pytest.raises(ValueError, match="workdir"):
-    task._ensure_prompter(None)
+    task_lib.ALPROTask(_tiny(data_dir, **{"pem.entities": str(tmp_path / "none.txt")}), text)
+  run = Trainer(c, str(tmp_path / "fresh")).build()
+  # No prompter in WORKDIR/prompter: loading says which stage makes it, and trains nothing.
+  with pytest.raises(FileNotFoundError, match="prompter.*launch.train"):
+    run.task.load_frozen(run.mesh, run.rules, run.workdir)
+  assert not os.path.exists(tmp_path / "fresh" / "prompter" / "checkpoints")
+  run.checkpointer.close()
   empty = _tiny(data_dir, **{"pem.prompter": str(tmp_path)})
+  run = Trainer(empty, str(tmp_path / "run")).build()
   with pytest.raises(FileNotFoundError, match="no checkpoint"):
-    loop.Run(empty, str(tmp_path / "run"))
+    run.task.load_frozen(run.mesh, run.rules, run.workdir)
+  run.checkpointer.close()

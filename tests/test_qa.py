@@ -217,11 +217,13 @@ def test_qa_head_params_names_and_math():
 
 
 def test_qa_task_needs_answers():
-  from vlp_jax.train.tasks import get_task
+  import vlp_jax.methods  # noqa: F401  (registers the tasks)
+  from vlp_jax.core import task as task_lib
+  from vlp_jax.data.setup import TextInfo
   c = alpro_qa.get_config("tiny")
   c.model.num_answers = 0
   with pytest.raises(ValueError, match="num_answers"):
-    get_task(c, 40)
+    task_lib.build(c, TextInfo(None, 40))
 
 
 # ---------------------------------------------------------------- synthetic questions

@@ -1,4 +1,5 @@
-"""VTM re-ranking of retrieval (vlp_jax.eval.rerank, ALPROTask.evaluate) against naive numpy."""
+"""VTM re-ranking of retrieval (vlp_jax.eval.rerank, ALPRO's retrieval evaluator) against naive
+numpy."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -11,7 +12,8 @@ from vlp_jax.eval import rerank
 from vlp_jax.eval.retrieval import retrieval_metrics
 from vlp_jax.models.alpro import ALPRO
 from vlp_jax.parallel import sharding as shd
-from vlp_jax.train.tasks.alpro import ALPROTask
+from vlp_jax.data.setup import TextInfo
+from vlp_jax.methods.alpro.pretrain import ALPROTask
 
 
 def _orders(scores, extra, k):
@@ -107,14 +109,14 @@ def test_no_extra_score_gives_vtc_metrics():
 
 
 # ----------------------------------------------------------------------------------------
-# ALPROTask.evaluate with re-ranking on a tiny random model
+# ALPRO's retrieval evaluator with re-ranking on a tiny random model
 
 
 def _task_and_batches():
   c = alpro_retrieval.get_config("tiny")
-  c.eval_rerank_k = 4
+  c.evals.test.rerank_k = 4
   c.eval_batch_size = 8
-  task = ALPROTask(c, vocab_size=40)
+  task = ALPROTask(c, TextInfo(None, 40))
   rng = np.random.default_rng(2)
   d = c.data
   batches = []
@@ -135,7 +137,8 @@ def test_task_evaluate_reranks_with_vtm_logits():
   rules = shd.rules_from_config(task.config.sharding_rules)
   params = nn.unbox(jax.jit(task.init_params)(jax.random.PRNGKey(0)))
   params = jax.device_put(params, NamedSharding(mesh, P()))
-  got = task.evaluate(params, batches, mesh, rules)
+  got = task.evaluators()["retrieval"]({"model": params}, batches, mesh, rules,
+                                       task.config.evals.test)
 
   # Naive: the model applied directly to the 13 valid rows, every (text, video) pair fused.
   rows = {k: np.concatenate([b[k][b["valid"]] for b in batches])

@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 
 from configs import alpro_pretrain
-from vlp_jax.parallel import sharding as shd
-from vlp_jax.train import loop
+from vlp_jax.core.trainer import Trainer
 
 
 def _random_config(**mesh):
@@ -18,14 +17,12 @@ def _random_config(**mesh):
 
 def _two_steps(tmp_path, devices, mesh):
   config = _random_config(**mesh)
-  run = loop.Run(config, str(tmp_path), devices=devices)
-  from vlp_jax.data import setup
-  loader = setup.train_loader(config, None, run.text, run.batch_per_process)
-  step_fn = run.train_step()
+  run = Trainer(config, str(tmp_path), devices=devices).build()
+  loader = run.loaders()["train"]
+  step_fn = run.update_fn(run.load_frozen())  # PEM: a seeded prompter on random data
   state, losses = run.state, []
   for _ in range(2):
-    batch = shd.host_to_global(next(loader), run.mesh, run.rules, keys=run.device_keys)
-    state, metrics = step_fn(state, batch)
+    state, metrics = step_fn(state, run.device_batches({"train": next(loader)}))
     losses.append({k: float(v) for k, v in jax.device_get(metrics).items()})
   return losses, jax.device_get(state.params), state
 

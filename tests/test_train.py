@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 from configs import alpro_pretrain
-from helpers import tiny_config
-from vlp_jax.train import loop
-from vlp_jax.train.metrics import read_metrics
+from helpers import tiny_config, train
+from vlp_jax.core import checkpoint as ckpt_lib
+from vlp_jax.core import trainer as trainer_lib
+from vlp_jax.core.metrics import read_metrics
 
 
 def _tiny(data_dir, **overrides):
@@ -30,7 +31,7 @@ def _train_losses(workdir):
 
 def test_tiny_trains_loss_falls_and_evaluates(tmp_path, data_dir):
   c = _tiny(data_dir, num_steps=40, log_every=5)
-  results = loop.train(c, str(tmp_path))
+  results = train(c, str(tmp_path))
   rows = _train_losses(tmp_path)
   assert sorted(rows) == list(range(5, 45, 5))
   # ~18 % lower after 40 steps at the tiny preset (measured); MLM learns first at this size.
@@ -49,13 +50,12 @@ def test_tiny_trains_loss_falls_and_evaluates(tmp_path, data_dir):
 
 
 def test_resume_continues_and_matches_uninterrupted(tmp_path, data_dir):
-  c = lambda: _tiny(data_dir, num_steps=10, log_every=1, ckpt_every=4, eval_every=0,
-                    **{"data.eval_splits": ""})
-  loop.train(c(), str(tmp_path / "a"))
-  loop.train(c(), str(tmp_path / "b"), stop_at=6)
+  c = lambda: _tiny(data_dir, num_steps=10, log_every=1, ckpt_every=4, evals={})
+  train(c(), str(tmp_path / "a"))
+  train(c(), str(tmp_path / "b"), stop_at=6)
   first = _train_losses(tmp_path / "b")
   assert sorted(first) == list(range(1, 7))
-  loop.train(c(), str(tmp_path / "b"))  # resumes from the step-6 checkpoint
+  train(c(), str(tmp_path / "b"))  # resumes from the step-6 checkpoint
   a, b = _train_losses(tmp_path / "a"), _train_losses(tmp_path / "b")
   resumed_steps = [r["step"] for r in read_metrics(tmp_path / "b") if r["split"] == "train"]
   assert resumed_steps == list(range(1, 11))  # continues at step 7, nothing repeated
@@ -65,23 +65,20 @@ def test_resume_continues_and_matches_uninterrupted(tmp_path, data_dir):
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir):
-  loop.train(_tiny(data_dir, num_steps=2, ckpt_every=1, **{"data.eval_splits": ""}),
+  train(_tiny(data_dir, num_steps=2, ckpt_every=1, evals={}),
              str(tmp_path))
-  bad = _tiny(data_dir, num_steps=5, ckpt_every=1, **{"data.eval_splits": ""})
+  bad = _tiny(data_dir, num_steps=5, ckpt_every=1, evals={})
   bad.loss.vtc = float("nan")
-  with pytest.raises(loop.NonFiniteLossError, match="step 3"):
-    loop.train(bad, str(tmp_path))
-  from vlp_jax.train.checkpoint import Checkpointer
-  ck = Checkpointer(str(tmp_path), keep=3)
-  assert ck.latest_step() == 2
-  ck.close()
+  with pytest.raises(trainer_lib.NonFiniteLossError, match="step 3"):
+    train(bad, str(tmp_path))
+  assert ckpt_lib.latest_step(str(tmp_path)) == 2
 
 
 def test_missing_data_dir_is_a_clear_error(tmp_path):
   c = _tiny(tmp_path / "nowhere")
   c.data.synthetic.generate = False
   with pytest.raises(FileNotFoundError, match="nowhere"):
-    loop.train(c, str(tmp_path / "work"))
+    train(c, str(tmp_path / "work"))
 
 
 def test_corrupt_frame_is_skipped_counted_and_training_continues(tmp_path, data_dir):
@@ -99,8 +96,8 @@ def test_corrupt_frame_is_skipped_counted_and_training_continues(tmp_path, data_
   with tf.io.TFRecordWriter(str(corrupt / shard)) as w:
     for r in records:
       w.write(r.SerializeToString())
-  c = _tiny(corrupt, num_steps=12, log_every=12, **{"data.eval_splits": ""})
-  loop.train(c, str(tmp_path / "work"))
+  c = _tiny(corrupt, num_steps=12, log_every=12, evals={})
+  train(c, str(tmp_path / "work"))
   rows = _train_losses(tmp_path / "work")
   assert rows[12]["data/skipped_clips"] >= 1
   assert np.isfinite(rows[12]["loss"])

@@ -33,11 +33,7 @@ def all_steps(workdir: str) -> list[int]:
   path = checkpoint_dir(workdir)
   if not os.path.isdir(path):
     return []
-  manager = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(read_only=True))
-  try:
-    return sorted(manager.all_steps())
-  finally:
-    manager.close()
+  return sorted(ocp.utils.checkpoint_steps(path))  # finalized steps only
 
 
 def latest_step(workdir: str) -> int | None:
@@ -80,6 +76,11 @@ class DataSave(ocp.args.CheckpointArgs):
 class DataRestore(ocp.args.CheckpointArgs):
   """{stream name: loader with `restore(path)`}."""
   loaders: Mapping[str, Any]
+
+
+def read_handlers() -> dict[str, ocp.CheckpointHandler]:
+  """Item handlers for reading a run's checkpoints without its loaders (params only)."""
+  return {STATE: ocp.PyTreeCheckpointHandler(), DATA: _DataPositionHandler()}
 
 
 def _positional(loaders: Mapping[str, Any] | None) -> dict[str, Any]:

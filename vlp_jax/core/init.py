@@ -42,9 +42,7 @@ def _open(workdir: str, step: int | None) -> tuple[ocp.CheckpointManager, int]:
     step = steps[-1]
   elif int(step) not in steps:
     raise FileNotFoundError(f"{workdir!r} has no checkpoint at step {step}; it has {steps}")
-  manager = ocp.CheckpointManager(
-      path, item_handlers={ckpt_lib.STATE: ocp.PyTreeCheckpointHandler()},
-      options=ocp.CheckpointManagerOptions(read_only=True))
+  manager = ocp.CheckpointManager(path, item_handlers=ckpt_lib.read_handlers())
   return manager, int(step)
 
 

@@ -168,6 +168,11 @@ class Trainer:
 
   # ---- the update -----------------------------------------------------------------------------
 
+  def load_frozen(self) -> task_lib.Frozen | None:
+    """The task's frozen pytrees (`Task.load_frozen`), placed on this run's mesh."""
+    self._require_built()
+    return self.task.load_frozen(self.mesh, self.rules, self.workdir)
+
   def update_fn(self, frozen: task_lib.Frozen | None = None):
     """The jitted `(state, batches) -> (state, metrics)` of this run (frozen params bound)."""
     self._require_built()
@@ -236,7 +241,7 @@ class Trainer:
       logging.info("resumed from %s at step %d", self.checkpointer.directory, start)
     else:
       self.apply_init()
-    frozen = self.task.load_frozen(self.mesh, self.rules, self.workdir)
+    frozen = self.load_frozen()
     step_fn = self.update_fn(frozen)
     writer = metrics_lib.MetricWriter(self.workdir)
     progress = metrics_lib.Progress(step, config.num_steps, enabled=config.progress)
