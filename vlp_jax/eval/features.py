@@ -26,6 +26,11 @@ def collect(fn: Callable[[Any, dict], Any], params: Any, batches: Iterable[dict]
   return take(rows, keep, mesh)
 
 
+def device_entries(batch: dict) -> dict:
+  """The numeric arrays of an eval batch; clip ids and other strings stay on the host."""
+  return {k: v for k, v in batch.items() if np.asarray(v).dtype.kind in "biuf"}
+
+
 def collect_rows(fn: Callable[[Any, dict], Any], params: Any, batches: Iterable[dict], mesh,
                  rules) -> tuple[Any, np.ndarray]:
   """Like `collect`, but keeps every row (padding included) where it was computed.
@@ -41,7 +46,7 @@ def collect_rows(fn: Callable[[Any, dict], Any], params: Any, batches: Iterable[
   jitted = jax.jit(fn)
   outs, valids = [], []
   for batch in _aligned(batches):
-    g = shd.host_to_global(batch, mesh, rules)
+    g = shd.host_to_global(device_entries(batch), mesh, rules)
     valid = g.pop("valid")
     with shd.activate(mesh, rules):
       outs.append(jitted(params, g))

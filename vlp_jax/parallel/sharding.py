@@ -61,7 +61,9 @@ def sharded_init(init_fn: Callable[[jax.Array], Any], rng: jax.Array, mesh: Mesh
     abstract = jax.eval_shape(init_fn, rng)
     shardings = logical_to_sharding(abstract, mesh, rules)
     values = jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=shardings)(rng)
-  return values, shardings
+  # The shardings of the values themselves: their tree matches `values` exactly (subtrees
+  # without arrays, e.g. optax's MaskedNode for frozen leaves, have no sharding).
+  return values, jax.tree.map(lambda x: x.sharding, values)
 
 
 def abstract_sharded(init_fn: Callable[[jax.Array], Any], mesh: Mesh, rules: Rules
