@@ -22,8 +22,9 @@ StagesFn = Callable[[object, str], list]
 
 
 def config_module(path: str) -> ModuleType:
-  """Imports a config file (`configs/x.py`) as a module, to read its `stages`."""
-  path = os.path.abspath(path)
+  """Imports a config file (`configs/x.py`, or the `--config` value `configs/x.py:preset`) as a
+  module, to read its `stages`."""
+  path = os.path.abspath(path.split(":", 1)[0])
   root = os.path.dirname(os.path.dirname(path))
   name = f"{os.path.basename(os.path.dirname(path))}.{os.path.splitext(os.path.basename(path))[0]}"
   if name in sys.modules and os.path.abspath(getattr(sys.modules[name], "__file__", "")) == path:

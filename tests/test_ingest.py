@@ -16,6 +16,9 @@ from configs import alpro_pretrain
 from vlp_jax.data import records, setup
 from vlp_jax.data.ingest import annotations as ann_lib
 from vlp_jax.data.ingest import decode, run
+from vlp_jax.core.task import Stream
+
+MIXED = Stream(image_mix=True)  # ALPRO's train stream: videos mixed with still images
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SQ = 12  # side of the moving square, pixels
@@ -452,7 +455,7 @@ def test_pipeline_reads_ingested_dir(videos, ingested, tmp_path):
 
   assert setup.resolve_dir(config, workdir=str(tmp_path)) == d
   text = setup.text_info(config, d)
-  batch = next(setup.train_loader(config, d, text, 4))
+  batch = next(setup.stream_loader(config, d, text, MIXED, 4))
   n, t, size = 4, config.data.num_frames, config.data.image_size
   assert batch["video"].shape == (n, t, size, size, 3) and np.isfinite(batch["video"]).all()
   assert batch["text_ids"].shape == (n, config.data.max_text_len)

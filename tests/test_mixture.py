@@ -8,6 +8,9 @@ from PIL import Image
 
 from configs import alpro_pretrain
 from vlp_jax.data import mixture, records, setup, synthetic
+from vlp_jax.core.task import Stream
+
+MIXED = Stream(image_mix=True)  # ALPRO's train stream: videos mixed with still images
 
 
 def test_image_steps_follow_the_ratio_and_depend_only_on_seed_and_step():
@@ -100,7 +103,7 @@ def _config(corpus):
 def test_train_loader_mixes_video_and_image_batches_and_resumes(tmp_path, corpus):
   c = _config(corpus)
   text = setup.text_info(c, corpus)
-  loader = setup.train_loader(c, corpus, text, 8)
+  loader = setup.stream_loader(c, corpus, text, MIXED, 8)
   assert isinstance(loader, mixture.MixtureLoader)
   batches = [next(loader) for _ in range(8)]
   kinds = [bool(b["is_image"][0]) for b in batches]
@@ -117,7 +120,7 @@ def test_train_loader_mixes_video_and_image_batches_and_resumes(tmp_path, corpus
       assert all(v.startswith(b"shapes-train-") for v in b["video_id"])
   loader.save(str(tmp_path / "it"))
   ref = [next(loader) for _ in range(4)]
-  again = setup.train_loader(c, corpus, text, 8)
+  again = setup.stream_loader(c, corpus, text, MIXED, 8)
   again.restore(str(tmp_path / "it"))
   for a, b in zip(ref, [next(again) for _ in range(4)]):
     for k in ("video", "text_ids", "mlm_ids", "is_image", "video_id"):
@@ -127,15 +130,15 @@ def test_train_loader_mixes_video_and_image_batches_and_resumes(tmp_path, corpus
 def test_ratio_zero_is_the_plain_video_loader_and_random_data_mixes_too(corpus):
   c = _config(corpus)
   c.data.image_ratio = 0.0
-  plain = setup.train_loader(c, corpus, setup.text_info(c, corpus), 8)
+  plain = setup.stream_loader(c, corpus, setup.text_info(c, corpus), MIXED, 8)
   assert not isinstance(plain, mixture.MixtureLoader) and "is_image" not in next(plain)
   r = alpro_pretrain.get_config("tiny")
   r.data.source = "random"
   r.model.text.vocab_size = 64
-  rand = setup.train_loader(r, None, setup.text_info(r, None), 8)
+  rand = setup.stream_loader(r, None, setup.text_info(r, None), MIXED, 8)
   kinds = [bool(next(rand)["is_image"][0]) for _ in range(6)]
   assert kinds == [mixture.is_image_step(r.seed, s, 0.5) for s in range(6)]
   bad = _config(corpus)
   bad.data.image_split = "nope"
   with pytest.raises(FileNotFoundError, match="nope"):
-    setup.train_loader(bad, corpus, setup.text_info(bad, corpus), 8)
+    setup.stream_loader(bad, corpus, setup.text_info(bad, corpus), MIXED, 8)

@@ -206,7 +206,7 @@ def test_alpro_config_cudnn_needs_bfloat16():
 
 @pytest.mark.parametrize("temporal", ["divided", "none"])
 def test_every_param_has_logical_names(temporal):
-  cfg = tiny_config(v_temporal=temporal)
+  cfg = tiny_config(v_temporal=temporal, num_entities=3, num_answers=4)  # PEM and QA heads too
   video, ids, mask = inputs()
   shapes = jax.eval_shape(ALPRO(cfg).init, jax.random.PRNGKey(0), video, ids, mask)["params"]
   flat = traverse_util.flatten_dict(
@@ -229,6 +229,8 @@ def test_every_param_has_logical_names(temporal):
   assert o.names == ("heads", "kv", "embed")
   assert flat["video_encoder/layernorm/scale"].names == ("embed",)
   assert flat["text_encoder/encoder/layer_0/intermediate/dense/kernel"].names == ("embed", "mlp")
+  assert flat["pem_head/out/kernel"].names == ("mlp", "entities")
+  assert flat["qa_head/out/kernel"].names == ("mlp", "classes")
   has_temporal = any("temporal" in p or "time_embeddings" in p for p in flat)
   assert has_temporal == (temporal == "divided")
 

@@ -1,4 +1,6 @@
-"""2 processes x 2 CPU devices (jax.distributed over localhost) == 1 process x 4 devices."""
+"""2 processes x 2 CPU devices (jax.distributed over localhost) == 1 process x 4 devices: data
+parallel across the processes, and FSDP across them with `init.text` from a transformers
+checkpoint (placed shard by shard: no process holds the whole tree)."""
 import json
 import os
 import socket
@@ -39,14 +41,32 @@ def _losses(workdir):
   return {r["step"]: r for r in rows if r["split"] == "train"}
 
 
-def test_two_processes_match_one(tmp_path):
+def _tiny_bert(path):
+  """A random BertForMaskedLM of the tiny preset's text sizes, saved with save_pretrained."""
+  import torch
+  import transformers
+  torch.manual_seed(0)
+  config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                   num_attention_heads=2, intermediate_size=64,
+                                   max_position_embeddings=64, type_vocab_size=2)
+  transformers.BertForMaskedLM(config).save_pretrained(str(path))
+  return str(path)
+
+
+@pytest.mark.parametrize("mode", ["data", "fsdp_init_text"])
+def test_two_processes_match_one(tmp_path, mode):
   ref_dir, mh_dir = tmp_path / "one", tmp_path / "two"
-  ref = subprocess.run(_cmd(ref_dir), env=_env(4), cwd=ROOT, capture_output=True, text=True,
-                       timeout=600)
+  extra = ()
+  if mode == "fsdp_init_text":
+    # Every parameter sharded over the 4 devices of both processes; BERT weights imported.
+    extra = ("--config.mesh.data=1", "--config.mesh.fsdp=-1",
+             f"--config.init.text=hf:{_tiny_bert(tmp_path / 'bert')}")
+  ref = subprocess.run(_cmd(ref_dir, *extra), env=_env(4), cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)
   assert ref.returncode == 0, ref.stderr[-3000:]
   port = _free_port()
   procs = [subprocess.Popen(_cmd(mh_dir, f"--coordinator=127.0.0.1:{port}", "--num_processes=2",
-                                 f"--process_id={i}"),
+                                 f"--process_id={i}", *extra),
                             env=_env(2), cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True) for i in range(2)]
   outs = []
@@ -60,6 +80,8 @@ def test_two_processes_match_one(tmp_path):
     assert p.returncode == 0, err[-3000:]
   assert "process 0/2, 2 local / 4 global devices" in outs[0][1]
   assert "process 1/2, 2 local / 4 global devices" in outs[1][1]
+  if mode == "fsdp_init_text":
+    assert "init.text: imported" in ref.stderr and "init.text: imported" in outs[1][1]
   one, two = _losses(ref_dir), _losses(mh_dir)
   assert sorted(one) == sorted(two) == list(range(1, STEPS + 1))
   for s in one:

@@ -219,6 +219,28 @@ def test_pretraining_trains_its_prompter_and_logs_pem(pretrain_dir):
     assert r["loss"] == pytest.approx(parts, rel=1e-4)
 
 
+def test_evaluate_cli_on_a_pretraining_run_without_prompter_trains_nothing(tmp_path, data_dir,
+                                                                           pretrain_dir):
+  """`launch.evaluate` never trains: not the run, and not PEM's missing prompter."""
+  import shutil
+  import subprocess
+  import sys
+  run = tmp_path / "run"
+  shutil.copytree(pretrain_dir, run, ignore=shutil.ignore_patterns("prompter"))
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run(
+      [sys.executable, "-m", "launch.evaluate", "--config=configs/alpro_pretrain.py:tiny",
+       f"--config.data.dir={data_dir}", f"--workdir={run}"],
+      cwd=root, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert not os.path.exists(run / "prompter")
+  rows = read_metrics(run)
+  assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2]  # no new training rows
+  (test,) = [r for r in rows if r["split"] == "test"]
+  assert test["step"] == 2 and 0.0 <= test["retrieval/t2v_R@1"] <= 100.0
+  assert '"step": 2' in proc.stdout
+
+
 def test_prompter_is_frozen_outside_the_optimizer(tmp_path, data_dir, pretrain_dir):
   c = _tiny(data_dir, **RUN, **{"pem.prompter": str(pretrain_dir / "prompter")})
   run = Trainer(c, str(tmp_path)).build()
