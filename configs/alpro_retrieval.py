@@ -3,9 +3,9 @@
   python -m launch.train --config=configs/alpro_retrieval.py:demo --workdir=runs/ret \
       [--config.init.checkpoint=runs/pretrain]
 
-Evaluation ranks by VTC similarity and re-ranks each query's top `evals.<name>.rerank_k` candidates by
-VTC similarity + VTM positive logit (both directions); `retrieval/...` holds the re-ranked
-metrics, `retrieval_vtc/...` the VTC-only ones.
+Evaluation ranks by VTC similarity and re-ranks each query's top `evals.<name>.rerank_k`
+candidates by VTC similarity + VTM positive logit (both directions); `retrieval/...` holds the
+re-ranked metrics, `retrieval_vtc/...` the VTC-only ones.
 
 Presets:
   tiny     unit tests (synthetic corpus, seconds).

@@ -6,14 +6,15 @@ at its last step, in order, then the config itself; a task never starts a run.
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
-import sys
 from types import ModuleType
-from typing import Callable
+from collections.abc import Callable
 
 from absl import logging
 
+import configs
 import vlp_jax.methods  # noqa: F401  (registers the built-in tasks)
 from vlp_jax.core import checkpoint as ckpt_lib
 from vlp_jax.core import trainer
@@ -23,15 +24,15 @@ StagesFn = Callable[[object, str], list]
 
 def config_module(path: str) -> ModuleType:
   """Imports a config file (`configs/x.py`, or the `--config` value `configs/x.py:preset`) as a
-  module, to read its `stages`."""
+  module, to read its `stages`: the installed `configs.x` for the project's own configs, a
+  private module for any other file."""
   path = os.path.abspath(path.split(":", 1)[0])
-  root = os.path.dirname(os.path.dirname(path))
-  name = f"{os.path.basename(os.path.dirname(path))}.{os.path.splitext(os.path.basename(path))[0]}"
-  if name in sys.modules and os.path.abspath(getattr(sys.modules[name], "__file__", "")) == path:
-    return sys.modules[name]
-  if root not in sys.path:  # configs import each other as `configs.<name>`
-    sys.path.insert(0, root)
-  spec = importlib.util.spec_from_file_location(name, path)
+  stem = os.path.splitext(os.path.basename(path))[0]
+  if os.path.dirname(path) == os.path.dirname(os.path.abspath(configs.__file__)):
+    return importlib.import_module(f"configs.{stem}")
+  spec = importlib.util.spec_from_file_location(f"_vlp_jax_config_{stem}", path)
+  if spec is None or spec.loader is None:
+    raise FileNotFoundError(f"config file {path!r} cannot be imported")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module

@@ -1,9 +1,9 @@
 """Test session setup: 8 simulated CPU devices, so sharding tests can build real meshes.
 
-Tests that want one device take `jax.devices()[:1]`.
+Tests that want one device take `jax.devices()[:1]`. The package (`vlp_jax`, `configs`, `launch`)
+is imported from its installation (`pip install -e .`).
 """
 import os
-import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Tests are dominated by XLA compile time of tiny programs: the lowest backend optimisation
@@ -15,10 +15,6 @@ if _flag not in os.environ.get("XLA_FLAGS", ""):
       [os.environ.get("XLA_FLAGS", ""), _flag, TEST_XLA_FLAGS]).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-  sys.path.insert(0, ROOT)
 
 # Identical programs (the same tiny step in several tests) compile once per session.
 import tempfile  # noqa: E402

@@ -42,7 +42,7 @@ def inputs(seed=0, frames=T):
   return video, ids, mask
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _base_params():
   """Really initialised params of `tiny_config()` (the one init compile of this file)."""
   video, ids, mask = inputs()
@@ -73,7 +73,7 @@ def init_params(cfg):
   return traverse_util.unflatten_dict(out, sep="/")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def jitted(cfg, method):
   model = ALPRO(cfg)
   fn = getattr(ALPRO, method)
@@ -250,7 +250,8 @@ def test_runs_under_logical_rules_on_a_mesh():
   with nn.logical_axis_rules(rules):
     shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
   flat = traverse_util.flatten_dict(shardings, sep="/")
-  assert flat["text_encoder/encoder/layer_0/intermediate/dense/kernel"].spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+  mlp = flat["text_encoder/encoder/layer_0/intermediate/dense/kernel"]
+  assert mlp.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
   params = jax.device_put(params, shardings)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     # Init under the mesh applies every parameter's constraint at its full shape.

@@ -26,7 +26,7 @@ def _np_regions(u, grid, area=(0.3, 0.5), aspect=(0.3, 1 / 0.3)):
   gh, gw = grid
   out = []
   for draws in u.astype(np.float32):
-    for ua, ur, ut, ul in draws:  # the first accepted draw
+    for ua, ur, ut, ul in draws:  # the first accepted draw  # noqa: B007
       a = np.float32(area[0]) + ua * np.float32(area[1] - area[0])
       r = np.float32(aspect[0]) + ur * np.float32(aspect[1] - aspect[0])
       cells = a * np.float32(gh * gw)

@@ -7,7 +7,7 @@ A config file defines `get_config(arg)` where `arg` is `"<preset>[,key=value...]
 from __future__ import annotations
 
 import ast
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import ml_collections
 
@@ -63,7 +63,8 @@ def apply_override(config: ml_collections.ConfigDict, key: str, text: str) -> No
   parts = key.split(".")
   for i, name in enumerate(parts[:-1]):
     if not isinstance(node, ml_collections.ConfigDict) or name not in node:
-      raise ConfigError(f"unknown config key {'.'.join(parts[:i + 1])!r} (in override {key}={text})")
+      raise ConfigError(f"unknown config key {'.'.join(parts[:i + 1])!r} "
+                        f"(in override {key}={text})")
     node = node[name]
   leaf = parts[-1]
   if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:

@@ -25,7 +25,9 @@ import json
 import os
 import struct
 
+import jax
 import numpy as np
+from jax import export as jax_export
 
 _DTYPES = {"F32": np.float32, "F16": np.float16, "I32": np.int32, "I64": np.int64}
 
@@ -61,8 +63,6 @@ class Artifact:
   """
 
   def __init__(self, directory: str):
-    import jax
-    from jax import export as jax_export
     self.directory = directory
     with open(os.path.join(directory, "artifact.json"), encoding="utf-8") as f:
       self.meta = json.load(f)
@@ -104,7 +104,7 @@ class Artifact:
       if not os.path.isfile(vocab):
         raise FileNotFoundError(f"{vocab} not found: this artifact has no tokenizer; use "
                                 "encode_text_ids with token ids")
-      from tokenizers import BertWordPieceTokenizer
+      from tokenizers import BertWordPieceTokenizer  # noqa: PLC0415  (optional)
       tok = BertWordPieceTokenizer(vocab, lowercase=True)
       length = int(self.meta["max_text_len"])
       tok.enable_truncation(length)

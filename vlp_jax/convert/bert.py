@@ -13,7 +13,8 @@ In ALPRO, layers `[0, fusion_layer)` live under `text_encoder/encoder`, the rest
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 import flax.linen as nn
 import jax

@@ -18,7 +18,8 @@ import dataclasses
 import json
 import os
 import shutil
-from typing import Any, Mapping, Sequence
+from typing import Any
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -247,7 +248,7 @@ def export_run(workdir: str, out_dir: str, step: int | None = None,
         num_frames=int(config.data.num_frames), image_size=int(config.data.image_size),
         max_text_len=int(config.data.max_text_len), vocab_path=run.vocab_path,
         platforms=platforms)
-  elif hasattr(run.task, "clip_towers") and hasattr(hf, "export_clip"):
+  elif hasattr(run.task, "clip_towers"):
     # A task with CLIP towers exposes them as (ClipConfig, params) for the CLIP export.
     clip_config, clip_params = run.task.clip_towers(params)
     summary["clip"] = os.path.join(out_dir, "clip")

@@ -12,24 +12,9 @@ tensors a conversion does not use are logged.
 from __future__ import annotations
 
 from vlp_jax.convert.bert import import_bert, init_alpro_text
+from vlp_jax.convert.clip import export_clip, import_clip
 from vlp_jax.convert.hf_io import ConversionError, load_pretrained, save_pretrained
 from vlp_jax.convert.timesformer import import_timesformer, init_alpro_video
 
-_CLIP_NAMES = ("import_clip", "export_clip")
-
-
-def __getattr__(name: str):
-  # CLIP conversion lives in its own module; `hasattr(hf, "export_clip")` is False when
-  # that module (or the function) is not there.
-  if name in _CLIP_NAMES:
-    try:
-      from vlp_jax.convert import clip
-    except ImportError as e:
-      raise AttributeError(f"vlp_jax.convert.hf.{name} is unavailable: {e}") from e
-    if hasattr(clip, name):
-      return getattr(clip, name)
-  raise AttributeError(f"module 'vlp_jax.convert.hf' has no attribute {name!r}")
-
-
-__all__ = ["ConversionError", "import_bert", "import_timesformer", "init_alpro_text",
-           "init_alpro_video", "load_pretrained", "save_pretrained", *_CLIP_NAMES]
+__all__ = ["ConversionError", "export_clip", "import_bert", "import_clip", "import_timesformer",
+           "init_alpro_text", "init_alpro_video", "load_pretrained", "save_pretrained"]

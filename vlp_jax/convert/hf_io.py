@@ -14,9 +14,13 @@ import difflib
 import json
 import os
 import struct
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
+from collections.abc import Callable, Iterable, Mapping
 
+import jax
+import ml_dtypes
 import numpy as np
+from safetensors.numpy import load_file
 
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
@@ -48,7 +52,6 @@ def _read_json(file: str) -> dict:
 
 def _extra_dtypes() -> dict[str, Any]:
   """safetensors dtype codes numpy cannot name natively (ml_dtypes ships with jax)."""
-  import ml_dtypes
   return {"BF16": ml_dtypes.bfloat16, "F8_E4M3": ml_dtypes.float8_e4m3fn,
           "F8_E5M2": ml_dtypes.float8_e5m2}
 
@@ -79,7 +82,6 @@ def _read_safetensors_raw(file: str) -> dict[str, np.ndarray]:
 
 
 def _read_safetensors(file: str) -> dict[str, np.ndarray]:
-  from safetensors.numpy import load_file
   try:
     return load_file(file)
   except TypeError:
@@ -98,7 +100,7 @@ def _read_safetensors(file: str) -> dict[str, np.ndarray]:
 
 def _read_torch(file: str) -> dict[str, np.ndarray]:
   try:
-    import torch
+    import torch  # noqa: PLC0415  (optional, heavy: only for PyTorch pickles)
   except ImportError as e:
     raise ConversionError(f"{file} is a PyTorch pickle; reading it needs torch "
                           "(pip install torch), or convert it to safetensors") from e
@@ -359,7 +361,6 @@ def assign(params: dict, path: tuple[str, ...], value: np.ndarray) -> None:
 
 def unfilled(params: Mapping, prefix: tuple[str, ...] = ()) -> list[str]:
   """Paths of leaves that are still `jax.ShapeDtypeStruct` placeholders."""
-  import jax
   out = []
   for key, value in params.items():
     if isinstance(value, Mapping):

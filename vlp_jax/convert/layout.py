@@ -13,7 +13,7 @@ same table drives import (checkpoint -> params) and export (params -> checkpoint
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 

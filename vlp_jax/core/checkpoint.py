@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 import jax
 import orbax.checkpoint as ocp
@@ -48,13 +49,13 @@ class _DataPositionHandler(ocp.CheckpointHandler):
   def _dir(self, directory) -> str:
     return os.path.join(os.fspath(directory), f"process_{jax.process_index()}")
 
-  def save(self, directory, args: "DataSave") -> None:
+  def save(self, directory, args: DataSave) -> None:
     root = self._dir(directory)
     os.makedirs(root, exist_ok=True)
     for name, loader in args.loaders.items():
       loader.save(os.path.join(root, name))
 
-  def restore(self, directory, args: "DataRestore") -> None:
+  def restore(self, directory, args: DataRestore) -> None:
     root = self._dir(directory)
     for name, loader in args.loaders.items():
       loader.restore(os.path.join(root, name))

@@ -9,10 +9,12 @@ import math
 import os
 import sys
 import time
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 import jax
 import numpy as np
+import tensorboardX
 
 
 def _to_float(v: Any) -> float:
@@ -37,11 +39,7 @@ class MetricWriter:
     if self.active:
       os.makedirs(workdir, exist_ok=True)
       if tensorboard:
-        try:
-          from tensorboardX import SummaryWriter  # optional at run time
-          self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-        except ImportError:
-          self._tb = None
+        self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, split: str, metrics: Mapping[str, Any]) -> dict:
     """Appends one event; non-finite values are written as null in JSON (and skipped in TB)."""

@@ -14,7 +14,8 @@ Settings of a collection (configs/alpro_pretrain.py has the defaults):
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 import jax
 import optax

@@ -1,7 +1,8 @@
 """The train state: named parameter collections, one optimizer state each, a step and a key."""
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any
+from collections.abc import Callable, Mapping
 
 import flax
 import jax

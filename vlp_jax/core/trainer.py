@@ -13,7 +13,8 @@ from __future__ import annotations
 import copy
 import os
 import time
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 import jax
 import numpy as np
@@ -67,7 +68,7 @@ class Trainer:
 
   # ---- build ----------------------------------------------------------------------------------
 
-  def build(self) -> "Trainer":
+  def build(self) -> Trainer:
     """Creates the mesh, resolves the data (generating the synthetic corpus if configured),
     builds the task, its optimizers and the sharded state. Returns self."""
     config = self.config

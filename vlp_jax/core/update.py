@@ -3,7 +3,8 @@ over strided micro-batches, one optimizer per collection) and the jit that runs 
 default or a task's own, on the mesh with the state donated."""
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any
+from collections.abc import Callable, Mapping
 
 import flax.linen as nn
 import jax
@@ -93,8 +94,8 @@ def make_default_update(loss_fn: LossFn, optimizers: Mapping[str, optax.Gradient
 
 
 def with_finite_check(update: UpdateFn) -> UpdateFn:
-  """For a task's own update: adds to `update`'s metrics `finite`: the loss and every collection's new params are finite
-  (and so is the update's own `finite`, when it reports one)."""
+  """For a task's own update: adds to its metrics `finite`: the loss and every collection's
+  new params are finite (and so is the update's own `finite`, when it reports one)."""
   def checked(state, batches, frozen=None):
     new_state, metrics = update(state, batches, frozen)
     if "loss" not in metrics:

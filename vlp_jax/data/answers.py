@@ -9,7 +9,7 @@ from __future__ import annotations
 import collections
 import json
 import os
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -49,9 +49,8 @@ def read_split_answers(data_dir: str, split: str) -> list[bytes]:
 
   Only the context is parsed; frames are never decoded.
   """
-  import tensorflow as tf  # lazy: data/ is the only place importing it, and only when needed
-
-  from vlp_jax.data import records
+  import tensorflow as tf  # noqa: PLC0415  lazy: data/ is the only place importing it, and only when needed
+  from vlp_jax.data import records  # noqa: PLC0415  (imports tensorflow)
   spec = {records.ANSWERS: tf.io.RaggedFeature(tf.string)}
   ds = tf.data.TFRecordDataset(records.split_files(data_dir, split))
   ds = ds.map(lambda s: tf.io.parse_single_sequence_example(s, context_features=spec)[0][

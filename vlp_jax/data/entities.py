@@ -24,7 +24,7 @@ import collections
 import json
 import os
 import re
-from typing import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 # ALPRO's prompt templates (official code): entity features are the mean of the normalised
 # text features of all 12 prompts, one set for video batches and one for image batches.
@@ -157,14 +157,14 @@ def _frequency_nouns(captions: Iterable[str]) -> Iterator[list[str]]:
 
 
 def _spacy_nouns(captions: Iterable[str]) -> Iterator[list[str]]:
-  import spacy  # optional
+  import spacy  # noqa: PLC0415  (optional)
   nlp = spacy.load("en_core_web_sm", disable=["parser", "ner"])
   for doc in nlp.pipe((c.lower() for c in captions), batch_size=256):
     yield [t.lemma_ for t in doc if t.pos_ == "NOUN" and t.lemma_.isalpha()]
 
 
 def _nltk_nouns(captions: Iterable[str]) -> Iterator[list[str]]:
-  import nltk  # optional
+  import nltk  # noqa: PLC0415  (optional)
   for c in captions:
     yield [w for w, tag in nltk.pos_tag(words(c)) if tag in ("NN", "NNS") and w.isalpha()]
 
@@ -172,10 +172,10 @@ def _nltk_nouns(captions: Iterable[str]) -> Iterator[list[str]]:
 def _available(method: str) -> bool:
   try:
     if method == "spacy":
-      import spacy
+      import spacy  # noqa: PLC0415  (optional)
       spacy.load("en_core_web_sm", disable=["parser", "ner"])
     elif method == "nltk":
-      import nltk
+      import nltk  # noqa: PLC0415  (optional)
       nltk.pos_tag(["test"])  # LookupError without the tagger data
     return True
   except (ImportError, OSError, LookupError):
@@ -299,8 +299,8 @@ def read_captions(source: str, splits: Sequence[str] = ("train",)) -> Iterator[s
 
 
 def _tfrecord_captions(data_dir: str, splits: Sequence[str]) -> Iterator[str]:
-  import tensorflow as tf  # lazy: only this reader needs it
-  from vlp_jax.data import records
+  import tensorflow as tf  # noqa: PLC0415  lazy: only this reader needs it
+  from vlp_jax.data import records  # noqa: PLC0415  (imports tensorflow)
   files = [f for s in splits for f in records.split_files(data_dir, s)]
   spec = {records.CAPTIONS: tf.io.RaggedFeature(tf.string)}
   ds = tf.data.TFRecordDataset(files).map(

@@ -19,7 +19,7 @@ import glob
 import numbers
 import os
 import re
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import tensorflow as tf
 
@@ -173,7 +173,7 @@ class ShardedWriter:
     self._writers = None
     self.count = 0
 
-  def __enter__(self) -> "ShardedWriter":
+  def __enter__(self) -> ShardedWriter:
     os.makedirs(self.out_dir, exist_ok=True)
     self._writers = [tf.io.TFRecordWriter(p) for p in self._tmp]
     return self

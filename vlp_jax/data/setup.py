@@ -11,6 +11,11 @@ from typing import Any
 import jax
 from jax.experimental import multihost_utils
 
+from vlp_jax.data import answers as answers_lib
+from vlp_jax.data import mixture, synthetic
+from vlp_jax.data import tokenizer as tok
+from vlp_jax.data.random_source import RandomLoader
+
 
 def resolve_dir(config, workdir: str) -> str:
   """The dataset directory: `config.data.dir`, or WORKDIR/data (generated when synthetic).
@@ -22,7 +27,6 @@ def resolve_dir(config, workdir: str) -> str:
   path = os.path.abspath(d.dir) if d.dir else os.path.join(os.path.abspath(workdir), "data")
   if d.synthetic.generate:
     if jax.process_index() == 0:
-      from vlp_jax.data import synthetic
       synthetic.ensure(path, d.synthetic)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices("synthetic corpus ready")
@@ -54,7 +58,6 @@ def text_info(config, data_dir: str | None, workdir: str | None = None) -> TextI
     if size <= 0:
       raise ValueError("data.source='random' needs config.model.text.vocab_size > 0")
     return TextInfo(None, size)
-  from vlp_jax.data import tokenizer as tok
   vocab = config.data.vocab or os.path.join(data_dir, "vocab.txt")
   t = tok.load_tokenizer(vocab)
   answers = None
@@ -63,7 +66,6 @@ def text_info(config, data_dir: str | None, workdir: str | None = None) -> TextI
     if workdir is None:
       raise ValueError("a QA config (model.num_answers > 0) needs the run's workdir for "
                        "answers.json")
-    from vlp_jax.data import answers as answers_lib
     answers = answers_lib.load_or_build(workdir, data_dir, config.data.train_split, k,
                                         write=jax.process_index() == 0)
   return TextInfo(t, len(t), answers)
@@ -86,7 +88,6 @@ def stream_loader(config, data_dir: str | None, text: TextInfo, stream, batch_pe
   ratio = float(d.get("image_ratio", 0.0))
   if not stream.image_mix or ratio <= 0.0:
     return video
-  from vlp_jax.data import mixture
   image_dir = os.path.abspath(d.image_dir) if d.get("image_dir", "") else data_dir
   # Another seed: the two loaders' shuffles and MLM masks are independent.
   image = _train_loader(config, image_dir, d.image_split, text, batch_per_process, seed + 1)
@@ -96,14 +97,13 @@ def stream_loader(config, data_dir: str | None, text: TextInfo, stream, batch_pe
 def _train_loader(config, data_dir, split, text, batch_per_process, seed):
   d = config.data
   if d.source == "random":
-    from vlp_jax.data.random_source import RandomLoader
     return RandomLoader(batch_size_global=config.batch_size, num_frames=d.num_frames,
                         image_size=d.image_size, max_text_len=d.max_text_len,
                         vocab_size=text.vocab_size, seed=seed,
                         process_index=jax.process_index(), process_count=jax.process_count())
   if d.source != "tfrecord":
     raise ValueError(f"config.data.source must be 'tfrecord' or 'random', got {d.source!r}")
-  from vlp_jax.data.pipeline import Loader
+  from vlp_jax.data.pipeline import Loader  # noqa: PLC0415  (imports tensorflow)
   return Loader(d, split, batch_size=batch_per_process, training=True, seed=seed,
                 tokenizer=text.tokenizer, num_frames=d.num_frames, image_size=d.image_size,
                 process_index=jax.process_index(), process_count=jax.process_count(),
@@ -112,7 +112,7 @@ def _train_loader(config, data_dir, split, text, batch_per_process, seed):
 
 def eval_loader(config, data_dir: str, split: str, text: TextInfo, batch_per_process: int):
   """One deterministic pass over `split`; the last batch is padded with valid=False rows."""
-  from vlp_jax.data.pipeline import Loader
+  from vlp_jax.data.pipeline import Loader  # noqa: PLC0415  (imports tensorflow)
   d = config.data
   return Loader(d, split, batch_size=batch_per_process, training=False, seed=config.seed,
                 tokenizer=text.tokenizer, num_frames=d.num_frames, image_size=d.image_size,

@@ -424,7 +424,7 @@ def contrast_probes(objects: list[dict]) -> list[str]:
 
 def clip_record(clip: dict, num_frames: int):
   """The `tf.train.SequenceExample` of a rendered clip (records schema)."""
-  from vlp_jax.data import records  # lazy: keeps tensorflow out of worker processes
+  from vlp_jax.data import records  # noqa: PLC0415  (tensorflow stays out of workers)
   entities = list(dict.fromkeys(o["shape"] for o in clip["objects"]))
   return records.clip_example(
       clip["video_id"], clip["frames"], clip["captions"], FPS,
@@ -461,7 +461,7 @@ def generate(out_dir: str, *, seed: int, num_train: int, num_val: int, num_test:
   Returns:
     Summary dict: `dir`, `counts` per split, `heldout_pairs`, `vocab_size`, `seconds`.
   """
-  from vlp_jax.data import records, tokenizer  # lazy, see clip_record
+  from vlp_jax.data import records, tokenizer  # noqa: PLC0415  (see clip_record)
   start = time.time()
   counts = dict(train=num_train, val=num_val, test=num_test, test_unseen=num_test_unseen)
   if num_images:

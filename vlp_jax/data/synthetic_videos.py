@@ -45,6 +45,7 @@ from typing import Any
 import av
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
 from vlp_jax.data import synthetic, tokenizer
 
@@ -218,7 +219,6 @@ def write(out_dir: str, *, seed: int, num_train: int, num_val: int, num_test: in
     json.dump(dict(params, complete=False), f)
 
   heldout = synthetic.heldout_pairs(seed)
-  from tqdm import tqdm  # lazy, as in ingestion
   pool = None
   if workers > 0:  # spawn: the caller may run TF / JAX threads, unsafe to fork
     pool = concurrent.futures.ProcessPoolExecutor(

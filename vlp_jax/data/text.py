@@ -4,7 +4,7 @@ No tensorflow here: the random (device benchmark) data source uses `mlm_mask` to
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

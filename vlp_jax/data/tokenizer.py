@@ -7,7 +7,11 @@ from __future__ import annotations
 import collections
 import os
 import string
-from typing import Iterable
+from collections.abc import Iterable
+
+from tokenizers import normalizers, pre_tokenizers
+
+from vlp_jax.data import synthetic
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # ids 0..4 in our vocabs
 
@@ -20,7 +24,6 @@ _EXTRA_WORDS = ("a", "an", "the", "one", "of", "video", "footage", "photo", "pic
 
 def synthetic_vocab_words() -> list[str]:
   """Every word the synthetic "moving shapes" captions, labels and prompts can contain."""
-  from vlp_jax.data import synthetic  # lazy: synthetic is heavier and imports nothing back
   words = list(synthetic.caption_words()) + list(_EXTRA_WORDS)
   return list(dict.fromkeys(w.lower() for w in words))
 
@@ -63,7 +66,6 @@ def vocab_words(texts: Iterable[str], max_words: int | None = None,
     Distinct words seen at least `min_count` times, most frequent first (ties alphabetical),
     at most `max_words` of them.
   """
-  from tokenizers import normalizers, pre_tokenizers  # lazy: not needed by every user
   norm = normalizers.BertNormalizer(lowercase=True, strip_accents=True, clean_text=True,
                                     handle_chinese_chars=True)
   pre = pre_tokenizers.BertPreTokenizer()
@@ -88,7 +90,7 @@ def load_tokenizer(vocab_path: str):
   if not os.path.isfile(vocab_path):
     raise FileNotFoundError(f"tokenizer vocabulary {vocab_path!r} not found (set data.vocab, "
                             "or generate the synthetic corpus which writes DIR/vocab.txt)")
-  from transformers import BertTokenizerFast  # lazy: slow import, not needed by every user
+  from transformers import BertTokenizerFast  # noqa: PLC0415  (slow import)
   with open(vocab_path, encoding="utf-8") as f:
     vocab = {}
     for i, line in enumerate(f):  # BERT: the id is the line number

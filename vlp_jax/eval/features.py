@@ -1,7 +1,8 @@
 """Runs an embedding function over an eval loader and keeps the features on device."""
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
+from collections.abc import Callable, Iterable, Iterator
 
 import jax
 import jax.numpy as jnp

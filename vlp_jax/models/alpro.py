@@ -17,7 +17,8 @@ so that `init` creates the whole parameter tree:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 import flax.linen as nn
 import jax

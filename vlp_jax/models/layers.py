@@ -7,7 +7,8 @@ from the sharding vocabulary (`LOGICAL_AXES`); the trainer maps them to mesh axe
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax

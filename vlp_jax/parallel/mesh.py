@@ -1,7 +1,7 @@
 """Device mesh from config: axes `data`, `fsdp`, `tensor` (axis types Auto)."""
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 from jax.experimental import mesh_utils

@@ -33,7 +33,8 @@ import re
 import shutil
 import time
 from concurrent.futures.process import BrokenProcessPool
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from tqdm import tqdm
 
 from vlp_jax.data import records, tokenizer
 from vlp_jax.data.ingest import decode
@@ -271,7 +272,6 @@ def ingest(ann: Annotations | list[Clip], *, out_dir: str, split: str,
   todo = [s for s in shards if s not in done]
   jobs = ((clips[i], settings) for s in todo for i in shards[s])
   results = ordered_results(jobs, decode_fn, workers)
-  from tqdm import tqdm  # lazy: only runs show a bar
   bar = tqdm(total=sum(len(shards[s]) for s in todo), unit="clip", desc=f"ingest {split}",
              disable=not progress, dynamic_ncols=True)
   try:
