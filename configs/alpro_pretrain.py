@@ -122,6 +122,9 @@ def base() -> ml_collections.ConfigDict:
   c.evals = ml_collections.ConfigDict()
   c.evals.test = retrieval_eval("test", every=5000)
   c.eval_batch_size = 256
+  # An evaluation that covers fewer clips than its split holds (a corrupt shard) fails, naming
+  # both counts, unless missing clips are allowed (then it warns).
+  c.eval = ml_collections.ConfigDict(dict(allow_missing=False))
   c.ckpt_every = 1000
   c.keep_ckpts = 3
   c.progress = True

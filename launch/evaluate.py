@@ -21,7 +21,6 @@ flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the la
 def main(argv):
   del argv
   common.setup(FLAGS)
-  import vlp_jax.methods  # noqa: F401  (registers the built-in tasks)
   from vlp_jax.core import trainer
   try:
     step, results = trainer.evaluate(FLAGS.config, FLAGS.workdir, FLAGS.step)

@@ -37,6 +37,8 @@ flags.DEFINE_float("min_coverage", 0.5, "A damaged video is kept if its decoded 
 flags.DEFINE_integer("num_shards", 8, "Number of shard files; at least the number of hosts "
                      "that will read the split.")
 flags.DEFINE_integer("workers", os.cpu_count() or 1, "Decoding processes (0 = in-process).")
+flags.DEFINE_float("worker_timeout", 600.0, "Seconds a decoding worker may spend on one clip "
+                   "before it is killed and the clip skipped (0 = no limit).")
 flags.DEFINE_string("vocab", None, "vocab.txt to copy into OUT (e.g. bert-base-uncased's); "
                     "default: keep OUT/vocab.txt, or build it from this split's text.")
 flags.DEFINE_integer("max_vocab_words", 30000, "Most words of a built vocab.txt.")
@@ -48,6 +50,8 @@ flags.DEFINE_string("video_list", None, "Keep only these clip ids (one per line,
 flags.DEFINE_boolean("overwrite", False, "Redo the split (delete its shards first) instead "
                      "of resuming.")
 flags.DEFINE_boolean("progress", True, "Show a progress bar.")
+flags.DEFINE_boolean("skip_bad_rows", False, "Skip malformed annotation lines (not JSON, not "
+                     "an object), listing them in skipped.jsonl, instead of stopping.")
 flags.mark_flags_as_required(["format", "annotations", "video_root", "split", "out"])
 
 for _name in ("annotations", "vocab", "classes", "msvd_mapping", "video_list"):
@@ -73,7 +77,8 @@ def main(argv):
   from vlp_jax.data.ingest import annotations, decode, run
   try:
     ann = annotations.parse(FLAGS.format, FLAGS.annotations, classes=FLAGS.classes,
-                            msvd_mapping=FLAGS.msvd_mapping, video_list=FLAGS.video_list)
+                            msvd_mapping=FLAGS.msvd_mapping, video_list=FLAGS.video_list,
+                            skip_bad_rows=FLAGS.skip_bad_rows)
     settings = decode.DecodeSettings(
         video_root=FLAGS.video_root, fps=FLAGS.fps, short_side=FLAGS.short_side,
         max_frames=FLAGS.max_frames, jpeg_quality=FLAGS.jpeg_quality,
@@ -83,7 +88,7 @@ def main(argv):
         ann, out_dir=FLAGS.out, split=FLAGS.split, settings=settings,
         num_shards=FLAGS.num_shards, workers=FLAGS.workers, vocab=FLAGS.vocab,
         max_vocab_words=FLAGS.max_vocab_words, overwrite=FLAGS.overwrite,
-        progress=FLAGS.progress,
+        progress=FLAGS.progress, worker_timeout=FLAGS.worker_timeout,
         info=dict(format=FLAGS.format, annotations=os.path.abspath(FLAGS.annotations)))
   except (ValueError, FileNotFoundError, FileExistsError) as e:
     sys.exit(f"ingest: {e}")

@@ -15,7 +15,6 @@ from collections.abc import Callable
 from absl import logging
 
 import configs
-import vlp_jax.methods  # noqa: F401  (registers the built-in tasks)
 from vlp_jax.core import checkpoint as ckpt_lib
 from vlp_jax.core import trainer
 
@@ -38,22 +37,28 @@ def config_module(path: str) -> ModuleType:
   return module
 
 
-def run_stages(config, workdir: str, stages: StagesFn | None, devices=None) -> None:
-  """Trains every stage of `stages(config, workdir)` that has not reached its last step."""
+def train(config, workdir: str, stages: StagesFn | None = None, *, devices=None,
+          stop_at: int | None = None) -> trainer.Trainer:
+  """Trains every stage of `stages(config, workdir)` that has not reached its last step, in
+  order, then `config` in `workdir` (resuming each from its checkpoints).
+
+  Returns:
+    The trainer of the last run fitted: `results` holds its last metrics, `preempted_at` the
+    step a SIGTERM stopped it at (None when it finished; a preempted stage stops the recipe).
+  """
   for name, stage_config, stage_dir in (stages(config, workdir) if stages else []):
     done = ckpt_lib.latest_step(stage_dir) or 0
     if done >= int(stage_config.num_steps):
       logging.info("stage %s: complete in %s (step %d)", name, stage_dir, done)
       continue
     logging.info("stage %s: training %d steps in %s", name, stage_config.num_steps, stage_dir)
-    results = trainer.train(stage_config, stage_dir, devices=devices)
+    run = trainer.Trainer(stage_config, stage_dir, devices).build()
+    run.fit()
+    if run.preempted_at is not None:
+      return run
     logging.info("stage %s: done: %s", name, {
         k: {m: round(v, 2) for m, v in r.items() if "R@" in m or m == "loss"}
-        for k, r in results.items()})
-
-
-def train(config, workdir: str, stages: StagesFn | None = None, *, devices=None,
-          stop_at: int | None = None) -> dict:
-  """Runs the stages, then trains `config` in `workdir` (resuming); returns its results."""
-  run_stages(config, workdir, stages, devices)
-  return trainer.train(config, workdir, devices=devices, stop_at=stop_at)
+        for k, r in run.results.items()})
+  run = trainer.Trainer(config, workdir, devices).build()
+  run.fit(stop_at=stop_at)
+  return run

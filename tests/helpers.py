@@ -21,7 +21,7 @@ def tiny_config(data_dir, **overrides):
 def train(config, workdir, **kwargs):
   """`launch.train`'s path for a pre-training config: its stages (PEM's prompter), then the run."""
   from launch import stages
-  return stages.train(config, str(workdir), alpro_pretrain.stages, **kwargs)
+  return stages.train(config, str(workdir), alpro_pretrain.stages, **kwargs).results
 
 
 def perturb(model):

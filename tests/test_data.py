@@ -2,6 +2,7 @@
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -71,7 +72,7 @@ def test_record_round_trip_and_file_names(tmp_path):
   with records.ShardedWriter(str(tmp_path), "train", 3) as w:
     for ex in exs:
       w.write(ex)
-  names = sorted(os.listdir(tmp_path))
+  names = sorted(n for n in os.listdir(tmp_path) if n.endswith(".tfrecord"))
   assert names == [f"train-0000{i}-of-00003.tfrecord" for i in range(3)]
   assert records.split_files(str(tmp_path), "train") == [str(tmp_path / n) for n in names]
   # round robin: shard k holds clips k, k+3, ...
@@ -108,6 +109,34 @@ def test_record_round_trip_and_file_names(tmp_path):
       "video/id", "video/fps", "video/num_frames", "caption/string", "clip/label/index",
       "clip/label/text", "question/string", "answer/string", "entity/string",
       "clip/start/timestamp", "clip/end/timestamp", "caption/contrast")
+
+
+
+def test_shard_manifests_find_truncated_and_unreadable_shards(tmp_path):
+  frames = [_jpeg(10)]
+  exs = [records.clip_example(f"vid{i}", frames, [f"cap {i}"], 4.0) for i in range(7)]
+  with records.ShardedWriter(str(tmp_path), "train", 3) as w:
+    for ex in exs:
+      w.write(ex)
+  names = sorted(n for n in os.listdir(tmp_path) if n.endswith(".tfrecord"))
+  # Each shard has its manifest: records and bytes as written, the split's count their sum.
+  assert [records.read_manifest(str(tmp_path / n))["records"] for n in names] == [3, 2, 2]
+  assert records.read_manifest(str(tmp_path / names[0]))["bytes"] == os.path.getsize(
+      tmp_path / names[0])
+  assert records.expected_count(str(tmp_path), "train") == 7
+  assert records.check_shard(str(tmp_path / names[0])) is None
+  with open(tmp_path / names[0], "r+b") as f:  # cut inside the second record
+    f.truncate(os.path.getsize(tmp_path / names[0]) * 1 // 2)
+  lost, reason = records.check_shard(str(tmp_path / names[0]))
+  assert lost == 2 and "1 of 3 records readable" in reason
+  shutil.copyfile(tmp_path / names[1], tmp_path / "copy.tfrecord")  # no manifest: just opened
+  assert records.check_shard(str(tmp_path / "copy.tfrecord")) is None
+  (tmp_path / "junk.tfrecord").write_bytes(b"not a tfrecord at all")
+  assert records.check_shard(str(tmp_path / "junk.tfrecord"))[1].startswith("cannot be read")
+  records.remove_shard(str(tmp_path / names[0]))
+  assert not os.path.exists(records.manifest_path(str(tmp_path / names[0])))
+  for n in ("copy.tfrecord", "junk.tfrecord"):
+    os.remove(tmp_path / n)
 
 
 def test_sharded_writer_crash_leaves_no_shard(tmp_path):

@@ -26,7 +26,6 @@ from vlp_jax.data import tokenizer as tok_lib  # noqa: E402
 from vlp_jax.models.alpro import ALPRO  # noqa: E402
 from vlp_jax.parallel import mesh as mesh_lib  # noqa: E402
 from vlp_jax.parallel import sharding as shd  # noqa: E402
-import vlp_jax.methods  # noqa: E402,F401  (registers the tasks)
 from vlp_jax.core import checkpoint as ckpt_lib  # noqa: E402
 from vlp_jax.core import task as task_lib  # noqa: E402
 from vlp_jax.data.setup import TextInfo  # noqa: E402

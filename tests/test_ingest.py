@@ -278,6 +278,16 @@ def test_parse_errors(tmp_path):
   p = _write(tmp_path, "bad.jsonl", '{"video": "a"}\n{"video": \n')
   with pytest.raises(ValueError, match="line 2 is not valid JSON"):
     ann_lib.parse("jsonl", p)
+  # --skip_bad_rows: malformed lines become skipped clips that name their line.
+  p = _write(tmp_path, "bad2.jsonl", '{"video": "a", "caption": "x"}\n{"video": \n[1, 2]\n'
+             '{"video": "b", "caption": "y"}\n')
+  for fmt in ("jsonl", "msrvtt"):
+    clips = ann_lib.parse(fmt, p, skip_bad_rows=True).clips
+    good = [c for c in clips if not c.error]
+    bad = sorted((c.source, c.error) for c in clips if c.error)
+    assert len(good) == 2, fmt
+    assert bad == [("line 2", "malformed row: not valid JSON (Expecting value)"),
+                   ("line 3", "malformed row: a list, not a JSON object")], fmt
 
 
 # ------------------------------------------------------------------------------ ingestion
@@ -415,6 +425,33 @@ def test_worker_crash_skips_the_clip(videos, tmp_path, monkeypatch):
   with open(tmp_path / "out" / "skipped.jsonl") as f:
     reasons = {e["id"]: e["reason"] for e in map(json.loads, f)}
   assert reasons["boom"] == run.WORKER_DIED and reasons["garbage"].startswith("unreadable")
+
+
+HANGY = '''
+import time
+from vlp_jax.data.ingest import decode
+
+
+def decode_or_hang(job):
+  if job[0].id == "hang":
+    time.sleep(3600)  # a decoder stuck on a pathological file
+  return decode.decode_job(job)
+'''
+
+
+def test_hanging_worker_is_killed_and_its_clip_skipped(videos, tmp_path, monkeypatch):
+  _write(tmp_path, "hangy_decode.py", HANGY)
+  monkeypatch.syspath_prepend(str(tmp_path))
+  import hangy_decode
+  clips = [ann_lib.Clip(id=i, video=p) for i, p in [
+      ("right", "right.mp4"), ("hang", "right.mp4"), ("tall", "portrait.webm")]]
+  summary = run.ingest(clips, out_dir=str(tmp_path / "out"), split="train", num_shards=1,
+                       workers=2, settings=_settings(videos), progress=False,
+                       decode_fn=hangy_decode.decode_or_hang, worker_timeout=5.0)
+  assert (summary["written"], summary["skipped"]) == (2, 1)
+  with open(tmp_path / "out" / "skipped.jsonl") as f:
+    reasons = {e["id"]: e["reason"] for e in map(json.loads, f)}
+  assert reasons == {"hang": run.WORKER_TIMEOUT}
 
 
 def test_command_line(videos, tmp_path):

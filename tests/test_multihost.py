@@ -87,3 +87,54 @@ def test_two_processes_match_one(tmp_path, mode):
   for s in one:
     for k in ("loss", "loss/vtc", "loss/vtm", "loss/mlm"):
       assert two[s][k] == pytest.approx(one[s][k], rel=1e-5, abs=1e-6), (s, k)
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resumes(tmp_path):
+  """A preemption notice to one host: every host checkpoints the same step and exits 0; the
+  rerun continues with the losses of an uninterrupted run."""
+  import signal
+  import time
+  steps = 30
+  ref_dir, mh_dir = tmp_path / "one", tmp_path / "two"
+  base = (f"--config.num_steps={steps}",)
+  ref = subprocess.run(_cmd(ref_dir, *base), env=_env(4), cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)
+  assert ref.returncode == 0, ref.stderr[-3000:]
+
+  def launch():
+    port = _free_port()
+    return [subprocess.Popen(_cmd(mh_dir, *base, f"--coordinator=127.0.0.1:{port}",
+                                  "--num_processes=2", f"--process_id={i}"),
+                             env=_env(2), cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for i in range(2)]
+
+  procs = launch()
+  try:
+    deadline = time.time() + 300
+    while not os.path.exists(mh_dir / "metrics.jsonl") and time.time() < deadline:
+      time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)
+    outs = [p.communicate(timeout=300) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  stopped = {int(out.split("stopped after step ")[1].split()[0]) for out, _ in outs}
+  assert len(stopped) == 1, outs  # both hosts stopped, and saved, at the same step
+  (step,) = stopped
+  assert step < steps and os.listdir(mh_dir / "checkpoints") == [str(step)]
+
+  procs = launch()
+  try:
+    outs = [p.communicate(timeout=600) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  one, two = _losses(ref_dir), _losses(mh_dir)
+  assert sorted(two) == list(range(1, steps + 1))
+  for s in one:
+    for k in ("loss", "loss/vtc", "loss/vtm", "loss/mlm"):
+      assert two[s][k] == pytest.approx(one[s][k], rel=1e-5, abs=1e-6), (s, k)

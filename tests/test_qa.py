@@ -217,7 +217,6 @@ def test_qa_head_params_names_and_math():
 
 
 def test_qa_task_needs_answers():
-  import vlp_jax.methods  # noqa: F401  (registers the tasks)
   from vlp_jax.core import task as task_lib
   from vlp_jax.data.setup import TextInfo
   c = alpro_qa.get_config("tiny")

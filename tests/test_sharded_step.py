@@ -52,3 +52,18 @@ def test_sharded_step_matches_single_device(tmp_path):
   # The state really is sharded: some parameter is split over fsdp and some over tensor.
   specs = [x.sharding.spec for x in jax.tree.leaves(state.params)]
   assert any("fsdp" in str(s) for s in specs) and any("tensor" in str(s) for s in specs)
+
+
+def test_host_to_global_converts_nested_streams_and_names_what_it_cannot():
+  from jax.sharding import Mesh
+
+  from vlp_jax.parallel import sharding as shd
+  mesh = Mesh(np.array(jax.devices()[:8]).reshape(8, 1, 1), ("data", "fsdp", "tensor"))
+  rules = shd.rules_from_config(_random_config().sharding_rules)
+  x = np.arange(16, dtype=np.float32).reshape(8, 2)
+  out = shd.host_to_global({"train": {"x": x}, "meta": {"y": x[:, 0] > 3}}, mesh, rules)
+  np.testing.assert_array_equal(np.asarray(out["train"]["x"]), x)
+  assert out["meta"]["y"].dtype == bool and out["train"]["x"].sharding.spec[0] is not None
+  with pytest.raises(TypeError, match="'train/video_id'"):
+    shd.host_to_global({"train": {"x": x, "video_id": np.array([b"a"] * 8, object)}}, mesh,
+                       rules)

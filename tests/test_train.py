@@ -31,7 +31,13 @@ def _train_losses(workdir):
 
 def test_tiny_trains_loss_falls_and_evaluates(tmp_path, data_dir):
   c = _tiny(data_dir, num_steps=40, log_every=5)
+  c.data.dir = ""  # resolved to WORKDIR/data in the run's own copy, never in the caller's config
+  c.data.synthetic.generate = True
+  before = c.to_dict()
   results = train(c, str(tmp_path))
+  assert c.to_dict() == before
+  import json
+  assert json.load(open(tmp_path / "config.json"))["data"]["dir"] == str(tmp_path / "data")
   rows = _train_losses(tmp_path)
   assert sorted(rows) == list(range(5, 45, 5))
   # ~18 % lower after 40 steps at the tiny preset (measured); MLM learns first at this size.
@@ -55,10 +61,14 @@ def test_resume_continues_and_matches_uninterrupted(tmp_path, data_dir):
   train(c(), str(tmp_path / "b"), stop_at=6)
   first = _train_losses(tmp_path / "b")
   assert sorted(first) == list(range(1, 7))
-  train(c(), str(tmp_path / "b"))  # resumes from the step-6 checkpoint
+  # As if killed after step 6 before its checkpoint was written: resume from step 4, replay 5-6.
+  import shutil
+  shutil.rmtree(tmp_path / "b" / "checkpoints" / "6")
+  assert ckpt_lib.latest_step(str(tmp_path / "b")) == 4
+  train(c(), str(tmp_path / "b"))
   a, b = _train_losses(tmp_path / "a"), _train_losses(tmp_path / "b")
   resumed_steps = [r["step"] for r in read_metrics(tmp_path / "b") if r["split"] == "train"]
-  assert resumed_steps == list(range(1, 11))  # continues at step 7, nothing repeated
+  assert resumed_steps == list(range(1, 11))  # the replayed rows 5-6 are logged once
   for s in range(1, 11):
     for k in ("loss", "loss/vtc", "loss/vtm", "loss/mlm"):
       assert b[s][k] == pytest.approx(a[s][k], rel=1e-6, abs=1e-7), (s, k)
@@ -101,3 +111,38 @@ def test_corrupt_frame_is_skipped_counted_and_training_continues(tmp_path, data_
   rows = _train_losses(tmp_path / "work")
   assert rows[12]["data/skipped_clips"] >= 1
   assert np.isfinite(rows[12]["loss"])
+
+
+def _truncate_first_shard(data, split):
+  shard = sorted(p for p in os.listdir(data) if p.startswith(f"{split}-") and
+                 p.endswith(".tfrecord"))[0]
+  path = data / shard
+  size = os.path.getsize(path)
+  with open(path, "r+b") as f:
+    f.truncate(size // 2)
+  return str(path)
+
+
+def test_truncated_shards_are_counted_and_evaluation_checks_its_count(tmp_path, data_dir, caplog):
+  import shutil
+
+  from configs.alpro_pretrain import retrieval_eval
+  corrupt = tmp_path / "data"
+  shutil.copytree(data_dir, corrupt)
+  train_shard = _truncate_first_shard(corrupt, "train")
+  _truncate_first_shard(corrupt, "test")
+  c = _tiny(corrupt, num_steps=2, log_every=2, **{"loss.pem": 0.0})
+  c.evals = type(c.evals)({"test": retrieval_eval("test")})
+  with pytest.raises(trainer_lib.EvalCountError,
+                     match=r"split 'test' covered \d+ clips, but 16 were written"):
+    train(c, str(tmp_path / "work"))
+  # The training shard's lost records were counted and the shard named at start.
+  (row,) = _train_losses(tmp_path / "work").values()
+  assert row["data/corrupt_records"] >= 1 and row["data/skipped_clips"] == 0
+  assert any(train_shard in r.getMessage() and "records lost" in r.getMessage()
+             for r in caplog.records)
+  # Allowed: the metrics are reported over the readable clips, with their count.
+  c.eval.allow_missing = True
+  step, results = trainer_lib.evaluate(c, str(tmp_path / "work"))
+  assert step == 2 and 0 < results["test"]["eval/num_clips"] < 16
+  assert results["test"]["eval/num_queries"] == results["test"]["eval/num_clips"]

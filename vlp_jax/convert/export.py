@@ -28,7 +28,6 @@ from absl import logging
 
 import ml_collections
 
-import vlp_jax.methods  # noqa: F401  (registers the built-in tasks)
 from vlp_jax.convert import bert as bert_conv
 from vlp_jax.convert import hf, hf_io
 from vlp_jax.convert import timesformer as tsf_conv

@@ -30,16 +30,27 @@ def mean_metrics(history: list[Mapping[str, Any]]) -> dict[str, float]:
 
 
 class MetricWriter:
-  """Writes `{"step", "split", **metrics}` lines to metrics.jsonl and scalars to TensorBoard."""
+  """Writes `{"step", "split", **metrics}` lines to metrics.jsonl and scalars to TensorBoard.
 
-  def __init__(self, workdir: str, *, tensorboard: bool = True):
+  Args:
+    resume_step: the step training (re)starts from. Rows past it, written by a run that went
+      further before it was stopped, are dropped from metrics.jsonl and purged from
+      TensorBoard, so the replayed steps are not logged twice. None (evaluation) keeps every
+      row.
+  """
+
+  def __init__(self, workdir: str, *, tensorboard: bool = True, resume_step: int | None = None):
     self.active = jax.process_index() == 0
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._tb = None
     if self.active:
       os.makedirs(workdir, exist_ok=True)
+      if resume_step is not None:
+        _drop_rows_after(self.path, int(resume_step))
       if tensorboard:
-        self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
+        purge = None if resume_step is None else int(resume_step) + 1
+        self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"),
+                                              purge_step=purge)
 
   def write(self, step: int, split: str, metrics: Mapping[str, Any]) -> dict:
     """Appends one event; non-finite values are written as null in JSON (and skipped in TB)."""
@@ -60,6 +71,21 @@ class MetricWriter:
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+
+
+def _drop_rows_after(path: str, step: int) -> None:
+  """Rewrites metrics.jsonl without its rows past `step` (atomically)."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = [line for line in f if line.strip()]
+  keep = [line for line in lines if json.loads(line)["step"] <= step]
+  if len(keep) == len(lines):
+    return
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.writelines(keep)
+  os.replace(tmp, path)
 
 
 def read_metrics(workdir: str) -> list[dict]:

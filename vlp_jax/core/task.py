@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import importlib.metadata
 from typing import Any, ClassVar
 from collections.abc import Callable, Mapping
 
@@ -178,6 +179,21 @@ class Task(abc.ABC):
 
 
 _REGISTRY: dict[str, type[Task]] = {}
+# Installed packages declare their methods as entry points of this group (pyproject.toml:
+# `[project.entry-points."vlp_jax.methods"]`); each is imported once, on the first lookup of an
+# unknown task, and registers its tasks. The core itself names no method.
+ENTRY_POINT_GROUP = "vlp_jax.methods"
+_plugins_loaded = False
+
+
+def load_plugins() -> None:
+  """Imports every installed method package (the entry points of `ENTRY_POINT_GROUP`)."""
+  global _plugins_loaded
+  if _plugins_loaded:
+    return
+  _plugins_loaded = True
+  for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+    entry.load()
 
 
 def register(name: str) -> Callable[[type[Task]], type[Task]]:
@@ -193,7 +209,8 @@ def register(name: str) -> Callable[[type[Task]], type[Task]]:
 
 
 def known() -> list[str]:
-  """Names of the registered tasks, sorted."""
+  """Names of the registered tasks (installed methods included), sorted."""
+  load_plugins()
   return sorted(_REGISTRY)
 
 
@@ -201,12 +218,12 @@ def get(name: str) -> type[Task]:
   """The task class registered as `name`.
 
   Raises:
-    ValueError: unknown name; the message lists the known ones (the built-in methods register
-      when `vlp_jax.methods` is imported).
+    ValueError: unknown name; the message lists the known ones.
   """
   if name not in _REGISTRY:
-    raise ValueError(f"unknown config.task {name!r}; known: {known()} (built-in methods "
-                     "register when `vlp_jax.methods` is imported)")
+    load_plugins()
+  if name not in _REGISTRY:
+    raise ValueError(f"unknown config.task {name!r}; known: {known()}")
   return _REGISTRY[name]
 
 

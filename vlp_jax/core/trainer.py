@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import copy
 import os
+import signal
+import threading
 import time
-from typing import Any
 from collections.abc import Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -35,6 +37,65 @@ from vlp_jax.parallel import sharding as shd
 
 class NonFiniteLossError(FloatingPointError):
   """Raised when the training loss, a gradient or an updated parameter becomes NaN or Inf."""
+
+
+class EvalCountError(RuntimeError):
+  """An evaluation saw another number of clips than its split holds as written."""
+
+
+class _Counted:
+  """Passes an eval loader's batches through, counting valid rows and distinct clip ids."""
+
+  def __init__(self, loader):
+    self.loader = loader
+    self.rows = 0
+    self.clips: set = set()
+
+  def __iter__(self):
+    for batch in self.loader:
+      valid = np.asarray(batch["valid"], bool)
+      self.rows += int(valid.sum())
+      if "video_id" in batch:
+        self.clips.update(np.asarray(batch["video_id"])[valid].tolist())
+      yield batch
+
+  def totals(self) -> tuple[int, int]:
+    """(clips, rows) over all processes (each reads its own files, so clips do not repeat)."""
+    local = np.asarray([len(self.clips) or self.rows, self.rows], np.int64)
+    if jax.process_count() > 1:
+      local = np.sum(multihost_utils.process_allgather(local), axis=0)
+    return int(local[0]), int(local[1])
+
+
+class Preemption:
+  """SIGTERM (the preemption notice of cloud TPU / GPU VMs) -> stop at the next step boundary.
+
+  One process: a SIGTERM handler sets a flag. Several processes: JAX's preemption sync point
+  (the coordination service relays one host's SIGTERM to all), so every host stops, and saves,
+  at the same step.
+  """
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+    self._multi = jax.process_count() > 1
+    if not self._multi and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+  def _on_sigterm(self, signum, frame) -> None:
+    del signum, frame
+    self.requested = True
+
+  def reached(self, step: int) -> bool:
+    """Whether to stop after `step` (every process calls this at every step)."""
+    if self._multi:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
+
+  def close(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
 
 
 def select_keys(batch: Mapping[str, Any], keys, stream: str) -> dict[str, Any]:
@@ -65,6 +126,8 @@ class Trainer:
     self.workdir = os.path.abspath(workdir)
     self.devices = devices
     self.built = False
+    self.results: dict[str, dict] = {}  # the last `fit`'s
+    self.preempted_at: int | None = None  # the step a SIGTERM stopped `fit` at
 
   # ---- build ----------------------------------------------------------------------------------
 
@@ -195,7 +258,14 @@ class Trainer:
                ) -> dict[str, dict]:
     """Runs the evaluators of `config.evals` that are due at `step` (all when `final`).
 
+    Every evaluation logs `eval/num_clips` and `eval/num_queries` (rows evaluated: questions
+    for QA). When the split's shards carry manifests (everything `launch.ingest` and the
+    synthetic corpus write), a clip count that differs from what was written fails the
+    evaluation with both numbers, or only warns with `config.eval.allow_missing`.
+
     Returns {eval name: logged metrics}; each is also written with `split` = the eval's split.
+    Raises:
+      EvalCountError: the count differs and missing clips are not allowed.
     """
     self._require_built()
     results = {}
@@ -209,24 +279,43 @@ class Trainer:
       if not final and not (every and step % every == 0):
         continue
       t0 = time.time()
-      loader = data_setup.eval_loader(self.config, self.data_dir, ev.split, self.text,
-                                      per_process)
+      loader = _Counted(data_setup.eval_loader(self.config, self.data_dir, ev.split, self.text,
+                                               per_process))
       m = evaluators[ev.type](self.state.params, loader, self.mesh, self.rules, ev)
+      m["eval/num_clips"], m["eval/num_queries"] = loader.totals()
+      self._check_count(ev.split, int(m["eval/num_clips"]))
       m["eval_seconds"] = time.time() - t0
       results[name] = writer.write(step, ev.split, m)
       logging.info("step %d %s (%s on %s): %s", step, name, ev.type, ev.split,
                    " ".join(f"{k}={v:.2f}" for k, v in m.items()))
     return results
 
+  def _check_count(self, split: str, seen: int) -> None:
+    expected = data_setup.expected_count(self.data_dir, split)
+    if expected is None or expected == seen:
+      return
+    message = (f"evaluation of split {split!r} covered {seen} clips, but {expected} were "
+               f"written to {self.data_dir} (a truncated or corrupt shard? see the warnings "
+               "above)")
+    if not bool(self.config.get("eval", {}).get("allow_missing", False)):
+      raise EvalCountError(message + "; set --config.eval.allow_missing=True to report the "
+                           "metrics over what is readable")
+    logging.warning("%s; reporting over what is readable (eval.allow_missing)", message)
+
   # ---- training -------------------------------------------------------------------------------
 
   def fit(self, *, stop_at: int | None = None) -> dict[str, dict]:
     """Trains to `config.num_steps`, resuming from the run's latest checkpoint if any.
 
+    On SIGTERM (see `Preemption`) it checkpoints at the next step boundary, flushes the
+    metrics and returns with `self.preempted_at` = that step; a rerun resumes from there with
+    the losses of an uninterrupted run.
+
     Args:
       stop_at: stop after this step (as if preempted), without the final evaluation.
     Returns:
-      {"train": last logged train metrics, "<eval name>": last eval metrics, ...}.
+      {"train": last logged train metrics, "<eval name>": last eval metrics, ...}, also kept
+      as `self.results`.
     Raises:
       NonFiniteLossError: the loss became NaN/Inf (its step is in the message).
     """
@@ -244,9 +333,11 @@ class Trainer:
       self.apply_init()
     frozen = self.load_frozen()
     step_fn = self.update_fn(frozen)
-    writer = metrics_lib.MetricWriter(self.workdir)
+    writer = metrics_lib.MetricWriter(self.workdir, resume_step=step)
+    preemption = Preemption()
+    self.preempted_at = None
     progress = metrics_lib.Progress(step, config.num_steps, enabled=config.progress)
-    results: dict[str, dict] = {}
+    results = self.results = {}
     history, previous = [], None
     t_log, steps_since_log = time.time(), 0
     iters = {name: iter(loader) for name, loader in loaders.items()}
@@ -267,15 +358,21 @@ class Trainer:
           m.pop("finite", None)
           history = []
           m["steps_per_sec"] = steps_since_log / max(time.time() - t_log, 1e-9)
-          m["data/skipped_clips"] = _total_skipped(loaders)
+          m["data/skipped_clips"], m["data/corrupt_records"] = _data_losses(loaders)
           t_log, steps_since_log = time.time(), 0
           results["train"] = writer.write(step, "train", m)
           progress.update(step, m["loss"])
         else:
           progress.update(step)
-        if step % config.ckpt_every == 0 or last or step == stop_at:
+        preempted = preemption.reached(step)
+        if step % config.ckpt_every == 0 or last or step == stop_at or preempted:
           _check_finite(metrics, step)
           self.checkpointer.save(step, self.state, loaders)
+        if preempted:
+          self.preempted_at = step
+          logging.warning("preempted (SIGTERM): checkpoint at step %d written; rerun the same "
+                          "command to resume", step)
+          break
         if not last:
           results.update(self.evaluate(step, writer, final=False))
         if stop_at is not None and step >= stop_at:
@@ -283,8 +380,9 @@ class Trainer:
       if step >= config.num_steps:
         results.update(self.evaluate(step, writer))
     finally:
+      preemption.close()
       progress.close()
-      self.checkpointer.close()
+      self.checkpointer.close()  # waits for the last (async) save
       writer.close()
     return results
 
@@ -297,11 +395,13 @@ def _check_finite(metrics: dict, step: int) -> None:
         "The last checkpoint written before this step is kept.")
 
 
-def _total_skipped(loaders: Mapping[str, Any]) -> int:
-  local = np.asarray(sum(int(getattr(l, "skipped", 0)) for l in loaders.values()), np.int64)
-  if jax.process_count() == 1:
-    return int(local)
-  return int(np.sum(multihost_utils.process_allgather(local)))
+def _data_losses(loaders: Mapping[str, Any]) -> tuple[int, int]:
+  """(clips skipped for a corrupt frame, records lost to corrupt shards), over all processes."""
+  local = np.asarray([sum(int(getattr(l, key, 0)) for l in loaders.values())
+                      for key in ("skipped", "corrupt_records")], np.int64)
+  if jax.process_count() > 1:
+    local = np.sum(multihost_utils.process_allgather(local), axis=0)
+  return int(local[0]), int(local[1])
 
 
 def train(config, workdir: str, *, stop_at: int | None = None, devices=None) -> dict:

@@ -57,6 +57,11 @@ class MixtureLoader:
   def skipped(self) -> int:
     return int(getattr(self.video, "skipped", 0)) + int(getattr(self.image, "skipped", 0))
 
+  @property
+  def corrupt_records(self) -> int:
+    return (int(getattr(self.video, "corrupt_records", 0))
+            + int(getattr(self.image, "corrupt_records", 0)))
+
   def __iter__(self):
     return self
 

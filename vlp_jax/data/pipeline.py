@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from vlp_jax.data import answers as answers_lib
 from vlp_jax.data import records, text
@@ -112,6 +113,8 @@ class Loader:
   Attributes:
     files: this process's shard files.
     skipped: clips dropped so far because a selected frame was not a well-formed JPEG.
+    corrupt_records: records lost to truncated, corrupt or unreadable shards (found at start,
+      from the shards' manifests).
     step: batches delivered so far.
   """
 
@@ -148,8 +151,23 @@ class Loader:
           f"process {self.process_index} of {self.process_count} gets no files of split "
           f"{split!r}: {len(all_files)} file(s) in {data_dir!r}; write at least as many "
           "shards as processes")
+    # A shard that is truncated or corrupt (its size differs from its manifest) keeps what is
+    # still readable and counts the rest; one that cannot be read at all is left out. Both are
+    # named here, at start.
+    self.corrupt_records = 0
+    readable = []
+    for f in mine:
+      problem = records.check_shard(f)
+      if problem is None:
+        readable.append(f)
+        continue
+      lost, reason = problem
+      self.corrupt_records += lost
+      logging.warning("split %r: shard %s %s: %d records lost", split, f, reason, lost)
+      if not reason.startswith("cannot be read"):
+        readable.append(f)
     self.files = mine
-    nonempty = [f for f in mine if os.path.getsize(f) > 0]  # empty shards: nothing to read
+    nonempty = [f for f in readable if os.path.getsize(f) > 0]  # empty shards: nothing to read
     if self.training and not nonempty:
       # repeat() over files without records would spin forever.
       raise ValueError(f"process {self.process_index}: all its files of split {split!r} are "

@@ -16,6 +16,7 @@ Files: `DIR/<split>-00000-of-00008.tfrecord`.
 from __future__ import annotations
 
 import glob
+import json
 import numbers
 import os
 import re
@@ -171,6 +172,7 @@ class ShardedWriter:
     self.paths = [os.path.join(out_dir, shard_name(split, i, num_shards)) for i in indices]
     self._tmp = [p + ".tmp" for p in self.paths]
     self._writers = None
+    self._counts = [0] * len(self.paths)
     self.count = 0
 
   def __enter__(self) -> ShardedWriter:
@@ -184,6 +186,7 @@ class ShardedWriter:
       raise RuntimeError("ShardedWriter.write outside its `with` block")
     data = example if isinstance(example, bytes) else example.SerializeToString()
     self._writers[self.count % len(self._writers)].write(data)
+    self._counts[self.count % len(self._writers)] += 1
     self.count += 1
 
   def __exit__(self, exc_type, exc, tb) -> None:
@@ -195,8 +198,83 @@ class ShardedWriter:
         if os.path.exists(p):
           os.remove(p)
       return
-    for tmp, final in zip(self._tmp, self.paths):
+    for tmp, final, n in zip(self._tmp, self.paths, self._counts):
       os.replace(tmp, final)
+      write_manifest(final, n)
+
+
+def manifest_path(shard: str) -> str:
+  """The manifest of a shard file: `<shard>.json` with its record count and byte size."""
+  return shard + ".json"
+
+
+def write_manifest(shard: str, num_records: int) -> None:
+  """Records what a shard holds when it is written, so readers can tell a truncated or
+  corrupt shard and count what it lost."""
+  tmp = manifest_path(shard) + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump({"records": int(num_records), "bytes": os.path.getsize(shard)}, f)
+  os.replace(tmp, manifest_path(shard))
+
+
+def remove_shard(shard: str) -> None:
+  """Deletes a shard file and its manifest."""
+  for path in (shard, manifest_path(shard)):
+    if os.path.exists(path):
+      os.remove(path)
+
+
+def read_manifest(shard: str) -> dict | None:
+  """{"records", "bytes"} written with the shard, or None (a shard written without one)."""
+  path = manifest_path(shard)
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def expected_count(data_dir: str, split: str) -> int | None:
+  """Clips of `split` as written (the sum of its shards' manifests); None when a shard has no
+  manifest."""
+  total = 0
+  for shard in split_files(data_dir, split):
+    manifest = read_manifest(shard)
+    if manifest is None:
+      return None
+    total += int(manifest["records"])
+  return total
+
+
+def check_shard(shard: str) -> tuple[int, str] | None:
+  """(records lost, reason) for a shard that is truncated, corrupt or unreadable; None when it
+  is intact. A shard with a manifest whose size differs is read to count what is left; one
+  without a manifest is only checked to open and yield its first record."""
+  manifest = read_manifest(shard)
+  try:
+    size = os.path.getsize(shard)
+  except OSError as e:
+    return (int(manifest["records"]) if manifest else 0), f"cannot be read: {e}"
+  if manifest is None:
+    if size == 0:
+      return None
+    try:
+      next(iter(tf.data.TFRecordDataset(shard)))
+    except (tf.errors.OpError, StopIteration) as e:
+      return 0, f"cannot be read: {type(e).__name__}"
+    return None
+  if size == int(manifest["bytes"]):
+    return None
+  readable = 0
+  try:
+    for _ in tf.data.TFRecordDataset(shard):
+      readable += 1
+  except tf.errors.OpError as e:
+    reason = f"{type(e).__name__} after record {readable}"
+  else:
+    reason = "ends early"
+  lost = max(int(manifest["records"]) - readable, 0)
+  return lost, (f"{size} of {manifest['bytes']} bytes, {readable} of {manifest['records']} "
+                f"records readable ({reason})")
 
 
 def list_splits(data_dir: str) -> list[str]:

@@ -118,3 +118,9 @@ def eval_loader(config, data_dir: str, split: str, text: TextInfo, batch_per_pro
                 tokenizer=text.tokenizer, num_frames=d.num_frames, image_size=d.image_size,
                 process_index=jax.process_index(), process_count=jax.process_count(),
                 data_dir=data_dir, answer_vocab=text.answers)
+
+
+def expected_count(data_dir: str, split: str) -> int | None:
+  """Clips of `split` as written (shard manifests), None when unknown."""
+  from vlp_jax.data import records  # noqa: PLC0415  (imports tensorflow)
+  return records.expected_count(data_dir, split)

@@ -484,7 +484,7 @@ def generate(out_dir: str, *, seed: int, num_train: int, num_val: int, num_test:
   with open(meta_path, "w") as f:
     json.dump(meta, f, indent=1, sort_keys=True)
   for path in stale:  # e.g. a different num_shards last time: would be read as extra files
-    os.remove(path)
+    records.remove_shard(path)
 
   # In-process on purpose: the demo corpus takes ~20 s, and forking a process that already
   # runs JAX / TF threads can deadlock.

@@ -120,8 +120,12 @@ def _read_text(path: str) -> str:
     return f.read()
 
 
-def _json_items(path: str) -> list[tuple[str, Any]]:
-  """(source, entry) pairs of a JSON list or a JSONL file (a JSON object is one entry)."""
+def _json_items(path: str, bad_rows: list | None = None) -> list[tuple[str, Any]]:
+  """(source, entry) pairs of a JSON list or a JSONL file (a JSON object is one entry).
+
+  A line that is not JSON raises, or with a `bad_rows` list is appended there as
+  (source, reason) and left out.
+  """
   text = _read_text(path)
   try:
     data = json.loads(text)
@@ -138,15 +142,24 @@ def _json_items(path: str) -> list[tuple[str, Any]]:
     try:
       out.append((f"line {i + 1}", json.loads(line)))
     except json.JSONDecodeError as e:
-      raise ValueError(f"{path}: line {i + 1} is not valid JSON ({e.msg})") from None
+      if bad_rows is None:
+        raise ValueError(f"{path}: line {i + 1} is not valid JSON ({e.msg}); "
+                         "--skip_bad_rows skips and lists such lines") from None
+      bad_rows.append((f"line {i + 1}", f"not valid JSON ({e.msg})"))
   return out
 
 
-def _dict_items(path: str) -> list[tuple[str, dict]]:
-  items = _json_items(path)
-  for source, e in items:
-    if not isinstance(e, dict):
-      raise ValueError(f"{path}: {source} is a {type(e).__name__}, expected a JSON object")
+def _dict_items(path: str, bad_rows: list | None = None) -> list[tuple[str, dict]]:
+  """`_json_items` whose entries must be JSON objects (others raise, or go to `bad_rows`)."""
+  items = []
+  for source, e in _json_items(path, bad_rows):
+    if isinstance(e, dict):
+      items.append((source, e))
+    elif bad_rows is None:
+      raise ValueError(f"{path}: {source} is a {type(e).__name__}, expected a JSON object; "
+                       "--skip_bad_rows skips and lists such rows")
+    else:
+      bad_rows.append((source, f"a {type(e).__name__}, not a JSON object"))
   return items
 
 
@@ -276,12 +289,13 @@ def _video_name(e: dict, *keys: str) -> str:
   return ""
 
 
-def parse_msrvtt(path: str, **_) -> Annotations:
+def parse_msrvtt(path: str, bad_rows: list | None = None, **_) -> Annotations:
   if path.lower().endswith(".csv"):
     _, rows = _csv_rows(path, required=("video_id", "sentence"))
     return Annotations(_caption_clips(_grouped(
         (src, r["video_id"], _texts(r["sentence"])) for src, r in rows)))
-  items = _json_items(path)
+  # A first look for the original release; the rows are read (and bad ones listed) below.
+  items = _json_items(path, None if bad_rows is None else [])
   if len(items) == 1 and isinstance(items[0][1], dict) and "sentences" in items[0][1]:
     data = items[0][1]  # original MSRVTT release
     order = [_text(v.get("video_id")) for v in data.get("videos", []) if isinstance(v, dict)]
@@ -289,15 +303,15 @@ def parse_msrvtt(path: str, **_) -> Annotations:
     return Annotations(_caption_clips(_grouped(
         ((src, _text(s.get("video_id")), _texts(s.get("caption"))) for src, s in sentences),
         order=[o for o in order if o])))
-  entries = _dict_items(path)
+  entries = _dict_items(path, bad_rows)
   return Annotations(_caption_clips(_grouped(
       (src, _video_name(e, "clip_name", "video", "video_id"), _texts(e.get("caption")))
       for src, e in entries)))
 
 
-def parse_didemo(path: str, **_) -> Annotations:
+def parse_didemo(path: str, bad_rows: list | None = None, **_) -> Annotations:
   groups: dict[str, list] = collections.OrderedDict()
-  for n, (source, e) in enumerate(_dict_items(path)):
+  for n, (source, e) in enumerate(_dict_items(path, bad_rows)):
     name = _video_name(e, "video", "clip_name", "video_id")
     texts = _texts(e.get("description", e.get("caption")))
     starts = [t[0] for t in e.get("times") or [] if isinstance(t, (list, tuple)) and t
@@ -323,10 +337,11 @@ def load_msvd_mapping(path: str) -> dict[str, str]:
   return out
 
 
-def _parse_qa(path: str, int_prefix: str, mapping: dict[str, str] | None) -> Annotations:
+def _parse_qa(path: str, int_prefix: str, mapping: dict[str, str] | None,
+              bad_rows: list | None = None) -> Annotations:
   groups: dict[str, list] = collections.OrderedDict()
   bad = []
-  for source, e in _dict_items(path):
+  for source, e in _dict_items(path, bad_rows):
     vid = e.get("video_id", e.get("video", e.get("gif_name")))
     if isinstance(vid, numbers.Integral) and not isinstance(vid, bool):
       name = f"{int_prefix}{vid}"
@@ -349,13 +364,14 @@ def _parse_qa(path: str, int_prefix: str, mapping: dict[str, str] | None) -> Ann
   return Annotations(clips + bad)
 
 
-def parse_msrvtt_qa(path: str, **_) -> Annotations:
-  return _parse_qa(path, "video", None)
+def parse_msrvtt_qa(path: str, bad_rows: list | None = None, **_) -> Annotations:
+  return _parse_qa(path, "video", None, bad_rows)
 
 
-def parse_msvd_qa(path: str, msvd_mapping: str | None = None, **_) -> Annotations:
+def parse_msvd_qa(path: str, msvd_mapping: str | None = None, bad_rows: list | None = None,
+                  **_) -> Annotations:
   mapping = load_msvd_mapping(msvd_mapping) if msvd_mapping else None
-  return _parse_qa(path, "vid", mapping)
+  return _parse_qa(path, "vid", mapping, bad_rows)
 
 
 def parse_kinetics(path: str, classes: Sequence[str] | None = None, **_) -> Annotations:
@@ -395,8 +411,9 @@ def _seconds(e: dict, key: str) -> float | None:
   return float(v)
 
 
-def parse_jsonl(path: str, classes: Sequence[str] | None = None, **_) -> Annotations:
-  entries = _dict_items(path)
+def parse_jsonl(path: str, classes: Sequence[str] | None = None, bad_rows: list | None = None,
+                **_) -> Annotations:
+  entries = _dict_items(path, bad_rows)
   names, index = _label_index(
       (e["label"] for _, e in entries if isinstance(e.get("label"), str) and e["label"]),
       classes)
@@ -470,7 +487,7 @@ def load_video_list(path: str) -> set[str]:
 
 
 def parse(fmt: str, path: str, *, classes: str | None = None, msvd_mapping: str | None = None,
-          video_list: str | None = None) -> Annotations:
+          video_list: str | None = None, skip_bad_rows: bool = False) -> Annotations:
   """Parses an annotation file of format `fmt` (see the module docstring).
 
   Args:
@@ -480,6 +497,8 @@ def parse(fmt: str, path: str, *, classes: str | None = None, msvd_mapping: str 
       `kinetics` / `jsonl` string labels; default: the sorted set of labels in the file.
     msvd_mapping: optional `youtube_mapping.txt` for `msvd_qa`.
     video_list: optional file of clip ids to keep.
+    skip_bad_rows: a malformed line of a JSON / JSONL file (not JSON, not an object) becomes a
+      clip with `error` (reported as skipped, with its line) instead of stopping the parse.
 
   Raises:
     ValueError: unknown format, or a file that is not in the format (names the file, line
@@ -492,7 +511,10 @@ def parse(fmt: str, path: str, *, classes: str | None = None, msvd_mapping: str 
   class_names = load_lines(classes, "class list") if classes else None
   if msvd_mapping:
     _check_file(msvd_mapping, "MSVD mapping file")
-  ann = PARSERS[fmt](path, classes=class_names, msvd_mapping=msvd_mapping)
+  bad_rows = [] if skip_bad_rows else None
+  ann = PARSERS[fmt](path, classes=class_names, msvd_mapping=msvd_mapping, bad_rows=bad_rows)
+  ann.clips += [Clip(id="", video="", source=source, error=f"malformed row: {reason}")
+                for source, reason in bad_rows or ()]
   if video_list:
     keep = load_video_list(video_list)
     ann.clips = [c for c in ann.clips if c.id in keep or (c.error and not c.id)]

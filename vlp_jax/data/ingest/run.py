@@ -43,6 +43,7 @@ from vlp_jax.data.ingest.annotations import Annotations, Clip
 STATE_DIR = ".ingest"
 _SPLIT_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
 WORKER_DIED = "decoder crashed: the worker process died"
+WORKER_TIMEOUT = "decoder timed out: the worker was killed"
 
 
 def _write_json(path: str, obj) -> None:
@@ -66,10 +67,20 @@ def _pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
       max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
 
 
-def ordered_results(jobs: Iterable, fn: Callable, workers: int) -> Iterator:
+def _kill(pool: concurrent.futures.ProcessPoolExecutor) -> None:
+  """Stops a pool whose worker hangs: shutdown alone would wait for it forever."""
+  for proc in list(getattr(pool, "_processes", {}).values()):
+    proc.kill()
+  pool.shutdown(wait=False, cancel_futures=True)
+
+
+def ordered_results(jobs: Iterable, fn: Callable, workers: int,
+                    timeout: float | None = None) -> Iterator:
   """`fn(job)` for every job, in job order; `workers` spawned processes (0 = in-process).
 
-  A job whose worker process dies yields `WORKER_DIED` (a skip reason) instead of a result.
+  A job whose worker process dies yields `WORKER_DIED` (a skip reason) instead of a result;
+  one that has not finished `timeout` seconds after the results before it yields
+  `WORKER_TIMEOUT`, its worker killed (None = wait forever; in-process jobs cannot time out).
   """
   if workers <= 0:
     for job in jobs:
@@ -97,19 +108,20 @@ def ordered_results(jobs: Iterable, fn: Callable, workers: int) -> Iterator:
       try:
         if future is None:
           raise BrokenProcessPool("the pool broke before submission")
-        result = future.result()
-      except BrokenProcessPool:
-        # Which clip killed its worker is unknown: rerun the clips in flight one by one.
+        result = future.result(timeout=timeout)
+      except (BrokenProcessPool, concurrent.futures.TimeoutError):
+        # Which clip killed or hung its worker is unknown: rerun the clips in flight one by
+        # one, each with the full timeout.
         retry = [job] + [j for j, _ in pending]
         pending.clear()
-        pool.shutdown(wait=False, cancel_futures=True)
+        _kill(pool)
         pool = _pool(workers)
         for j in retry:
           try:
-            result = pool.submit(fn, j).result()
-          except BrokenProcessPool:
-            result = WORKER_DIED
-            pool.shutdown(wait=False, cancel_futures=True)
+            result = pool.submit(fn, j).result(timeout=timeout)
+          except (BrokenProcessPool, concurrent.futures.TimeoutError) as e:
+            result = WORKER_DIED if isinstance(e, BrokenProcessPool) else WORKER_TIMEOUT
+            _kill(pool)
             pool = _pool(workers)
           yield result
         continue
@@ -146,7 +158,9 @@ def _prepare(out_dir: str, split: str, params: dict, overwrite: bool) -> None:
     mine = re.compile(re.escape(split) + r"-\d{5}-of-\d{5}\.tfrecord\.json")
     reports = [p for p in glob.glob(os.path.join(glob.escape(state), "*.json"))
                if mine.fullmatch(os.path.basename(p))]  # not those of split "<split>-x"
-    for path in existing + reports:
+    for path in existing:
+      records.remove_shard(path)
+    for path in reports:
       os.remove(path)
   elif existing and old != params:
     if old is None:
@@ -218,7 +232,8 @@ def ingest(ann: Annotations | list[Clip], *, out_dir: str, split: str,
            settings: decode.DecodeSettings, num_shards: int = 8, workers: int = 0,
            vocab: str | None = None, max_vocab_words: int = 30000, overwrite: bool = False,
            progress: bool = True, info: dict | None = None,
-           decode_fn: Callable = decode.decode_job) -> dict:
+           decode_fn: Callable = decode.decode_job, worker_timeout: float | None = 600.0
+           ) -> dict:
   """Decodes `ann`'s clips and writes `out_dir/<split>-XXXXX-of-<num_shards>.tfrecord`.
 
   Args:
@@ -236,6 +251,8 @@ def ingest(ann: Annotations | list[Clip], *, out_dir: str, split: str,
     progress: show a tqdm progress bar.
     info: extra keys for the summary (format, annotation path, ...).
     decode_fn: `decode.decode_job`, or a drop-in replacement (module-level, picklable).
+    worker_timeout: seconds a decoding worker may take for one clip before it is killed and the
+      clip skipped (`WORKER_TIMEOUT`); None or 0 = no limit (in-process decoding has none).
 
   Returns:
     The split's summary (also stored under `splits.<split>` in `out_dir/ingest.json`):
@@ -271,7 +288,7 @@ def ingest(ann: Annotations | list[Clip], *, out_dir: str, split: str,
           _read_json(_report_path(out_dir, split, s, num_shards)) is not None]
   todo = [s for s in shards if s not in done]
   jobs = ((clips[i], settings) for s in todo for i in shards[s])
-  results = ordered_results(jobs, decode_fn, workers)
+  results = ordered_results(jobs, decode_fn, workers, worker_timeout or None)
   bar = tqdm(total=sum(len(shards[s]) for s in todo), unit="clip", desc=f"ingest {split}",
              disable=not progress, dynamic_ncols=True)
   try:
