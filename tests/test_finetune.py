@@ -99,3 +99,39 @@ def test_paper_presets():
   for c in (ret, didemo):
     assert c.evals.test.rerank_k > 0 and c.evals.test.type == "retrieval"
     assert c.task == "alpro"
+
+
+def _decoded_not_blank(path):
+  from PIL import Image
+  with Image.open(path) as im:
+    pixels = np.asarray(im.convert("RGB"))
+  return pixels.shape[0] > 50 and pixels.shape[1] > 50 and len(np.unique(
+      pixels.reshape(-1, 3), axis=0)) > 10
+
+
+def test_report_writes_figures_that_decode_and_are_not_blank(tmp_path, retrieval_run, data_dir):
+  """`launch.report` on the retrieval run and on a QA run: curves, heat-map, ranks, confusion."""
+  import subprocess
+  import sys
+  workdir, _ = retrieval_run
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, "-m", "launch.report", f"--workdir={workdir}",
+                         f"--out={tmp_path / 'ret'}"], cwd=root, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  names = sorted(os.listdir(tmp_path / "ret"))
+  assert names == ["eval_test.png", "test_ranks.png", "test_similarity.png", "train.png"]
+  for n in names:
+    assert _decoded_not_blank(tmp_path / "ret" / n), n
+  from vlp_jax.eval import report
+  qa = alpro_qa.get_config("tiny")
+  qa.data.dir = data_dir
+  trainer_lib.train(qa, str(tmp_path / "qa"))
+  paths = report.write_report(str(tmp_path / "qa"))
+  assert sorted(os.path.basename(p) for p in paths) == [
+      "eval_test.png", "test_confusion.png", "train.png"]
+  assert all(_decoded_not_blank(p) for p in paths)
+  with np.load(tmp_path / "qa" / "eval" / "test" / "step_6.npz") as arrays:
+    assert arrays["confusion"].shape == (8, 8) and list(arrays["labels"])[:1]
+  with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
+    report.write_report(str(tmp_path / "nothing"))

@@ -137,8 +137,8 @@ def test_task_evaluate_reranks_with_vtm_logits():
   rules = shd.rules_from_config(task.config.sharding_rules)
   params = nn.unbox(jax.jit(task.init_params)(jax.random.PRNGKey(0)))
   params = jax.device_put(params, NamedSharding(mesh, P()))
-  got = task.evaluators()["retrieval"]({"model": params}, batches, mesh, rules,
-                                       task.config.evals.test)
+  got, arrays = task.evaluators()["retrieval"]({"model": params}, batches, mesh, rules,
+                                               task.config.evals.test)
 
   # Naive: the model applied directly to the 13 valid rows, every (text, video) pair fused.
   rows = {k: np.concatenate([b[k][b["valid"]] for b in batches])
@@ -165,3 +165,9 @@ def test_task_evaluate_reranks_with_vtm_logits():
                  if k.startswith("retrieval/")}, want)
   _assert_close({k[len("retrieval_vtc/"):]: v for k, v in got.items()
                  if k.startswith("retrieval_vtc/")}, retrieval_metrics(sim, np.arange(n)))
+  # The report's arrays: the VTC similarity block and every query's VTC rank.
+  np.testing.assert_allclose(arrays["similarity"], sim[:n, :n], rtol=1e-5, atol=1e-6)
+  want_t2v = 1 + np.sum(sim > np.diag(sim)[:, None], axis=1)
+  want_v2t = 1 + np.sum(sim > np.diag(sim)[None, :], axis=0)
+  np.testing.assert_array_equal(arrays["t2v_rank"], want_t2v)
+  np.testing.assert_array_equal(arrays["v2t_rank"], want_v2t)

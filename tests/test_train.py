@@ -146,3 +146,23 @@ def test_truncated_shards_are_counted_and_evaluation_checks_its_count(tmp_path, 
   step, results = trainer_lib.evaluate(c, str(tmp_path / "work"))
   assert step == 2 and 0 < results["test"]["eval/num_clips"] < 16
   assert results["test"]["eval/num_queries"] == results["test"]["eval/num_clips"]
+
+
+def test_failed_checkpoint_write_is_a_clear_error_and_keeps_the_last_good_one(tmp_path,
+                                                                               data_dir,
+                                                                               monkeypatch):
+  from vlp_jax.data import mixture
+  c = _tiny(data_dir, num_steps=3, ckpt_every=1, evals={}, **{"loss.pem": 0.0})
+  # The disk fills up while step 2 is written (its input position is the first file).
+  save, calls = mixture.MixtureLoader.save, []
+
+  def full_disk(self, path):
+    calls.append(path)
+    if len(calls) == 2:
+      raise OSError(28, "No space left on device", path)
+    save(self, path)
+  monkeypatch.setattr(mixture.MixtureLoader, "save", full_disk)
+  with pytest.raises(ckpt_lib.CheckpointWriteError,
+                     match=r"checkpoint.*failed.*last good checkpoint \(1\) is kept"):
+    train(c, str(tmp_path))
+  assert ckpt_lib.latest_step(str(tmp_path)) == 1

@@ -43,6 +43,10 @@ def latest_step(workdir: str) -> int | None:
   return steps[-1] if steps else None
 
 
+class CheckpointWriteError(OSError):
+  """A checkpoint could not be written (disk full, permissions); earlier steps are kept."""
+
+
 class _DataPositionHandler(ocp.CheckpointHandler):
   """Every process writes (and reads) its own loaders' positions under process_<i>/<stream>."""
 
@@ -101,14 +105,29 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
+  def _failed(self, step: int | None, error: Exception) -> CheckpointWriteError:
+    good = [s for s in all_steps(self.directory) if step is None or s != step]
+    what = "a checkpoint" if step is None else f"checkpoint {step}"
+    return CheckpointWriteError(
+        f"writing {what} in {self.directory} failed: {type(error).__name__}: {error}. "
+        f"The last good checkpoint ({good[-1] if good else 'none'}) is kept; a rerun resumes "
+        "from it")
+
   def save(self, step: int, state: Any, loaders: Mapping[str, Any] | None = None) -> None:
     """Starts an async save of `state`; the loaders' positions are written before it returns
-    (they change with the next batch)."""
+    (they change with the next batch).
+
+    Raises:
+      CheckpointWriteError: this save, or the previous asynchronous one, failed.
+    """
     items = {STATE: ocp.args.StandardSave(state)}
     loaders = _positional(loaders)
     if loaders:
       items[DATA] = DataSave(loaders)
-    self.manager.save(step, args=ocp.args.Composite(**items))
+    try:
+      self.manager.save(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # orbax raises what the file system raised, of any type
+      raise self._failed(step, e) from e
 
   def restore(self, step: int, abstract_state: Any,
               loaders: Mapping[str, Any] | None = None) -> Any:
@@ -124,8 +143,14 @@ class Checkpointer:
     return self.manager.restore(step, args=ocp.args.Composite(**items))[STATE]
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    """Blocks until the last save is on disk; raises `CheckpointWriteError` if it failed."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # the async save's error, of any type
+      raise self._failed(None, e) from e
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.wait()
+    finally:
+      self.manager.close()

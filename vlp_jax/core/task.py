@@ -172,9 +172,11 @@ class Task(abc.ABC):
   def evaluators(self) -> dict[str, Evaluator]:
     """{type name: evaluator}; `config.evals.<name>.type` picks one.
 
-    An evaluator is `fn(params, batches, mesh, rules, eval_cfg) -> {metric key: float}` over
-    one pass of an eval loader (`params`: {collection: params}); keys carry the evaluator's
-    metric prefix (`retrieval/...`, `qa/...`).
+    An evaluator is `fn(params, batches, mesh, rules, eval_cfg) -> metrics` over one pass of
+    an eval loader (`params`: {collection: params}); metric keys carry the evaluator's prefix
+    (`retrieval/...`, `qa/...`). It may return `(metrics, arrays)` instead: small numpy
+    arrays (a similarity block, rank vectors, a confusion matrix) that the trainer saves as
+    WORKDIR/eval/<name>/step_<step>.npz for `launch.report`.
     """
 
 

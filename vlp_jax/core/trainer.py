@@ -282,6 +282,9 @@ class Trainer:
       loader = _Counted(data_setup.eval_loader(self.config, self.data_dir, ev.split, self.text,
                                                per_process))
       m = evaluators[ev.type](self.state.params, loader, self.mesh, self.rules, ev)
+      if isinstance(m, tuple):
+        m, arrays = m
+        self._save_arrays(name, step, arrays)
       m["eval/num_clips"], m["eval/num_queries"] = loader.totals()
       self._check_count(ev.split, int(m["eval/num_clips"]))
       m["eval_seconds"] = time.time() - t0
@@ -289,6 +292,17 @@ class Trainer:
       logging.info("step %d %s (%s on %s): %s", step, name, ev.type, ev.split,
                    " ".join(f"{k}={v:.2f}" for k, v in m.items()))
     return results
+
+  def _save_arrays(self, name: str, step: int, arrays: Mapping[str, Any]) -> None:
+    """WORKDIR/eval/<name>/step_<step>.npz (process 0) for `launch.report`."""
+    if jax.process_index() != 0 or not arrays:
+      return
+    directory = os.path.join(self.workdir, "eval", name)
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, f"step_{step}.npz")
+    with open(path + ".tmp", "wb") as f:
+      np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
+    os.replace(path + ".tmp", path)
 
   def _check_count(self, split: str, seen: int) -> None:
     expected = data_setup.expected_count(self.data_dir, split)

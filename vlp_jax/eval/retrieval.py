@@ -49,12 +49,9 @@ def _finish(stats: dict, prefix: str) -> dict[str, float]:
   return out
 
 
-@jax.jit
-def _retrieval_stats(sim: jax.Array, text_to_video: jax.Array) -> dict[str, jax.Array]:
-  """Device scalars from which the metrics are formed, plus validation counters."""
-  nt, nv = sim.shape
-  in_range = (text_to_video >= 0) & (text_to_video < nv)
-  gt = jnp.clip(text_to_video, 0, nv - 1)
+def _rank_vectors(sim: jax.Array, gt: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(t2v ranks int32 [Nt], v2t ranks int32 [Nv], videos with a text bool [Nv])."""
+  nv = sim.shape[1]
   # [Nt] similarity of each text to its own video.
   gt_sim = jnp.take_along_axis(sim, gt[:, None], axis=1)[:, 0]
 
@@ -68,7 +65,15 @@ def _retrieval_stats(sim: jax.Array, text_to_video: jax.Array) -> dict[str, jax.
   n_texts = jax.ops.segment_sum(jnp.ones_like(gt), gt, num_segments=nv)
   has_text = n_texts > 0
   v2t_rank = 1 + jnp.sum(sim > best_gt[None, :], axis=0, dtype=jnp.int32)
+  return t2v_rank, v2t_rank, has_text
 
+
+@jax.jit
+def _retrieval_stats(sim: jax.Array, text_to_video: jax.Array) -> dict[str, jax.Array]:
+  """Device scalars from which the metrics are formed, plus validation counters."""
+  nt, nv = sim.shape
+  in_range = (text_to_video >= 0) & (text_to_video < nv)
+  t2v_rank, v2t_rank, has_text = _rank_vectors(sim, jnp.clip(text_to_video, 0, nv - 1))
   out = _masked_stats(t2v_rank, jnp.ones((nt,), bool), "t2v")
   out.update(_masked_stats(v2t_rank, has_text, "v2t"))
   out["_num_out_of_range"] = jnp.sum(~in_range)
@@ -128,6 +133,22 @@ def retrieval_metrics(sim, text_to_video) -> dict[str, float]:
   out = _finish(stats, "t2v")
   out.update(_finish(stats, "v2t"))
   return out
+
+
+@jax.jit
+def _ranks(sim, text_to_video):
+  return _rank_vectors(sim, jnp.clip(text_to_video, 0, sim.shape[1] - 1))
+
+
+def ranks(sim, text_to_video) -> tuple[np.ndarray, np.ndarray]:
+  """Per-query 1-based ranks (the convention of `retrieval_metrics`), for histograms.
+
+  Returns:
+    (t2v int32 [Nt], v2t int32 [Nv'] over the videos that have a ground-truth text).
+  """
+  t2v, v2t, has_text = jax.device_get(_ranks(_as_array(sim),
+                                              _as_array(text_to_video).astype(jnp.int32)))
+  return np.asarray(t2v), np.asarray(v2t)[np.asarray(has_text)]
 
 
 def rerank_topk(sim: jax.Array, k: int,

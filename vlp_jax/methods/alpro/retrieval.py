@@ -20,6 +20,9 @@ from vlp_jax.models.alpro import ALPRO
 from vlp_jax.parallel import sharding as shd
 
 
+_SHOWN_PAIRS = 32  # the similarity heat-map's size
+
+
 class RetrievalEvaluator:
   """`evaluator(params, batches, mesh, rules, eval_cfg) -> metrics` for an ALPRO module.
 
@@ -72,17 +75,20 @@ class RetrievalEvaluator:
       return self._apply(params, ALPRO.vtm_logits, fused)[:, 1]
     return jax.jit(score)
 
-  def __call__(self, params, batches, mesh, rules, eval_cfg) -> dict[str, float]:
+  def __call__(self, params, batches, mesh, rules, eval_cfg
+               ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """Retrieval over one pass of an eval loader (text i describes video i).
 
     Args:
       params: {"model": ALPRO params}.
       eval_cfg: the `config.evals.<name>` entry (`rerank_k`, default 0).
     Returns:
-      metrics with the DESIGN keys (`retrieval/t2v_R@1`, ...; re-ranked when re-ranking is
-      on, and then also the VTC-only ranks under `retrieval_vtc/...`), plus
+      (metrics, arrays). metrics: the DESIGN keys (`retrieval/t2v_R@1`, ...; re-ranked when
+      re-ranking is on, and then also the VTC-only ranks under `retrieval_vtc/...`), plus
       `retrieval/contrast_acc` (percent of clips whose video is closer to its probe caption
-      than to the altered one) when the split carries contrast probes.
+      than to the altered one) when the split carries contrast probes. arrays (saved for
+      `launch.report`): `similarity` float32 [n, n], the VTC similarities of the first
+      n <= 32 (text, video) pairs; `t2v_rank`, `v2t_rank` int32, every query's VTC rank.
     """
     params = params["model"]
     k = int(eval_cfg.get("rerank_k", 0))
@@ -116,4 +122,8 @@ class RetrievalEvaluator:
       scores = jnp.einsum("be,bke->bk", feats["video"], feats["probe"])
       right = (scores[:, 0] > scores[:, 1]) & feats["has_probe"]
       out["retrieval/contrast_acc"] = float(100.0 * jnp.sum(right) / jnp.sum(feats["has_probe"]))
-    return out
+    t2v, v2t = retrieval_lib.ranks(sim, gt)
+    n = min(sim.shape[0], _SHOWN_PAIRS)
+    arrays = {"similarity": np.asarray(jax.device_get(sim[:n, :n]), np.float32),
+              "t2v_rank": t2v, "v2t_rank": v2t}
+    return out, arrays
