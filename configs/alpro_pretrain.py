@@ -128,6 +128,10 @@ def base() -> ml_collections.ConfigDict:
   c.ckpt_every = 1000
   c.keep_ckpts = 3
   c.progress = True
+  # Weights & Biases logging besides metrics.jsonl and TensorBoard (needs `pip install wandb`);
+  # mode "offline" writes the run under WORKDIR/wandb for a later `wandb sync`.
+  c.wandb = ml_collections.ConfigDict(dict(enabled=False, project="vlp_jax", name="",
+                                           mode="online"))
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   # Logical axis -> mesh axes. A mesh axis already used by an earlier dimension of the same

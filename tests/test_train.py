@@ -166,3 +166,22 @@ def test_failed_checkpoint_write_is_a_clear_error_and_keeps_the_last_good_one(tm
                      match=r"checkpoint.*failed.*last good checkpoint \(1\) is kept"):
     train(c, str(tmp_path))
   assert ckpt_lib.latest_step(str(tmp_path)) == 1
+
+
+def test_wandb_offline_logging_and_resume_of_the_same_run(tmp_path, monkeypatch):
+  monkeypatch.setenv("WANDB_SILENT", "true")
+  c = alpro_pretrain.get_config("tiny")
+  c.data.source = "random"
+  c.model.text.vocab_size = 64
+  c.update_from_flattened_dict({"num_steps": 4, "log_every": 1, "ckpt_every": 2})
+  c.wandb.update(enabled=True, mode="offline", project="test")
+  trainer_lib.train(c, str(tmp_path), stop_at=2)
+  run_id = (tmp_path / "wandb_id.txt").read_text().strip()
+  runs = [d for d in os.listdir(tmp_path / "wandb") if d.startswith("offline-run-")]
+  assert len(runs) == 1 and runs[0].endswith(run_id)
+  logged = os.path.join(tmp_path, "wandb", runs[0], f"run-{run_id}.wandb")
+  assert os.path.getsize(logged) > 0
+  trainer_lib.train(c, str(tmp_path))  # the resumed run continues the same W&B run id
+  assert (tmp_path / "wandb_id.txt").read_text().strip() == run_id
+  assert all(d.endswith(run_id) for d in os.listdir(tmp_path / "wandb")
+             if d.startswith("offline-run-"))

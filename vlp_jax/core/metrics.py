@@ -9,6 +9,7 @@ import math
 import os
 import sys
 import time
+import uuid
 from typing import Any
 from collections.abc import Mapping
 
@@ -30,16 +31,21 @@ def mean_metrics(history: list[Mapping[str, Any]]) -> dict[str, float]:
 
 
 class MetricWriter:
-  """Writes `{"step", "split", **metrics}` lines to metrics.jsonl and scalars to TensorBoard.
+  """Writes `{"step", "split", **metrics}` lines to metrics.jsonl and scalars to TensorBoard
+  (and to Weights & Biases when `wandb.enabled`).
 
   Args:
     resume_step: the step training (re)starts from. Rows past it, written by a run that went
       further before it was stopped, are dropped from metrics.jsonl and purged from
       TensorBoard, so the replayed steps are not logged twice. None (evaluation) keeps every
       row.
+    wandb: the config's `wandb` section (`enabled`, `project`, `name`, `mode`: online /
+      offline); the W&B run id is kept in WORKDIR/wandb_id.txt, so a resumed run continues it.
+    run_config: the resolved config as a dict, recorded with the W&B run.
   """
 
-  def __init__(self, workdir: str, *, tensorboard: bool = True, resume_step: int | None = None):
+  def __init__(self, workdir: str, *, tensorboard: bool = True, resume_step: int | None = None,
+               wandb: Mapping[str, Any] | None = None, run_config: dict | None = None):
     self.active = jax.process_index() == 0
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._tb = None
@@ -51,6 +57,9 @@ class MetricWriter:
         purge = None if resume_step is None else int(resume_step) + 1
         self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"),
                                               purge_step=purge)
+    self._wandb = None
+    if self.active and wandb and wandb.get("enabled", False):
+      self._wandb = _wandb_run(workdir, wandb, run_config)
 
   def write(self, step: int, split: str, metrics: Mapping[str, Any]) -> dict:
     """Appends one event; non-finite values are written as null in JSON (and skipped in TB)."""
@@ -66,11 +75,37 @@ class MetricWriter:
             # TensorBoard tag names allow [A-Za-z0-9_./-]: "R@1" -> "R_1".
             self._tb.add_scalar(f"{split}/{k}".replace("@", "_"), v, step)
         self._tb.flush()
+      if self._wandb is not None:
+        self._wandb.log({f"{split}/{k}": v for k, v in values.items() if math.isfinite(v)},
+                        step=int(step))
     return values
 
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+    if self._wandb is not None:
+      self._wandb.finish()
+      self._wandb = None
+
+
+def _wandb_run(workdir: str, cfg: Mapping[str, Any], run_config: dict | None):
+  """A W&B run for WORKDIR, resumed when WORKDIR/wandb_id.txt names one."""
+  try:
+    import wandb  # noqa: PLC0415  (optional: pip install wandb)
+  except ImportError as e:
+    raise ImportError("wandb.enabled=True needs the wandb package: pip install wandb") from e
+  id_path = os.path.join(workdir, "wandb_id.txt")
+  if os.path.exists(id_path):
+    with open(id_path) as f:
+      run_id = f.read().strip()
+  else:
+    run_id = uuid.uuid4().hex[:12]
+    with open(id_path, "w") as f:
+      f.write(run_id)
+  return wandb.init(project=cfg.get("project") or "vlp_jax",
+                    name=cfg.get("name") or os.path.basename(os.path.abspath(workdir)),
+                    mode=cfg.get("mode") or "online", dir=workdir, id=run_id, resume="allow",
+                    config=run_config)
 
 
 def _drop_rows_after(path: str, step: int) -> None:

@@ -347,7 +347,8 @@ class Trainer:
       self.apply_init()
     frozen = self.load_frozen()
     step_fn = self.update_fn(frozen)
-    writer = metrics_lib.MetricWriter(self.workdir, resume_step=step)
+    writer = metrics_lib.MetricWriter(self.workdir, resume_step=step,
+                                      wandb=config.get("wandb"), run_config=config.to_dict())
     preemption = Preemption()
     self.preempted_at = None
     progress = metrics_lib.Progress(step, config.num_steps, enabled=config.progress)
