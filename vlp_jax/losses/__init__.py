@@ -1,4 +1,5 @@
 """Loss functions: pure jax, per-sample values `[B]` plus a dict of scalar metrics."""
+from vlp_jax.losses.angular import angular_margin_loss, scale_from_logit
 from vlp_jax.losses.mlm import IGNORE_INDEX, mlm_loss
 from vlp_jax.losses.pem import (keep_region, pem_loss, region_mean, region_patch_mask,
                                 regions_from_uniforms, sample_regions, soft_labels)
@@ -8,6 +9,7 @@ from vlp_jax.losses.vtm import sample_hard_negatives, vtm_loss
 
 __all__ = [
     "IGNORE_INDEX",
+    "angular_margin_loss",
     "keep_region",
     "mlm_loss",
     "pem_loss",
@@ -17,6 +19,7 @@ __all__ = [
     "regions_from_uniforms",
     "sample_hard_negatives",
     "sample_regions",
+    "scale_from_logit",
     "soft_labels",
     "vtc_loss",
     "vtm_loss",
