@@ -19,8 +19,8 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _cmd(workdir, *extra):
-  return [sys.executable, "-m", "launch.train", "--config=configs/alpro_pretrain.py:tiny",
+def _cmd(workdir, *extra, config="configs/alpro_pretrain.py:tiny"):
+  return [sys.executable, "-m", "launch.train", f"--config={config}",
           "--config.data.source=random", "--config.model.text.vocab_size=64",
           f"--config.num_steps={STEPS}", "--config.log_every=1", "--config.ckpt_every=100",
           f"--workdir={workdir}", *extra]
@@ -53,20 +53,24 @@ def _tiny_bert(path):
   return str(path)
 
 
-@pytest.mark.parametrize("mode", ["data", "fsdp_init_text"])
+@pytest.mark.parametrize("mode", ["data", "fsdp_init_text", "mama_meta"])
 def test_two_processes_match_one(tmp_path, mode):
   ref_dir, mh_dir = tmp_path / "one", tmp_path / "two"
-  extra = ()
+  extra, config, keys = (), "configs/alpro_pretrain.py:tiny", (
+      "loss", "loss/vtc", "loss/vtm", "loss/mlm")
+  if mode == "mama_meta":  # MAMA's bilevel step: two streams (train, meta) and two collections
+    config, keys = "configs/mama_retrieval.py:tiny", ("loss", "loss/plain", "meta/loss",
+                                                       "meta/weight_mean")
   if mode == "fsdp_init_text":
     # Every parameter sharded over the 4 devices of both processes; BERT weights imported.
     extra = ("--config.mesh.data=1", "--config.mesh.fsdp=-1",
              f"--config.init.text=hf:{_tiny_bert(tmp_path / 'bert')}")
-  ref = subprocess.run(_cmd(ref_dir, *extra), env=_env(4), cwd=ROOT, capture_output=True,
-                       text=True, timeout=600)
+  ref = subprocess.run(_cmd(ref_dir, *extra, config=config), env=_env(4), cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
   assert ref.returncode == 0, ref.stderr[-3000:]
   port = _free_port()
   procs = [subprocess.Popen(_cmd(mh_dir, f"--coordinator=127.0.0.1:{port}", "--num_processes=2",
-                                 f"--process_id={i}", *extra),
+                                 f"--process_id={i}", *extra, config=config),
                             env=_env(2), cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True) for i in range(2)]
   outs = []
@@ -85,7 +89,7 @@ def test_two_processes_match_one(tmp_path, mode):
   one, two = _losses(ref_dir), _losses(mh_dir)
   assert sorted(one) == sorted(two) == list(range(1, STEPS + 1))
   for s in one:
-    for k in ("loss", "loss/vtc", "loss/vtm", "loss/mlm"):
+    for k in keys:
       assert two[s][k] == pytest.approx(one[s][k], rel=1e-5, abs=1e-6), (s, k)
 
 

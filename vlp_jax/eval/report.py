@@ -5,6 +5,7 @@
   <eval>_similarity.png  retrieval: VTC similarities of the first test pairs (the latest eval)
   <eval>_ranks.png       retrieval: histogram of the text->video and video->text ranks
   <eval>_confusion.png   classification / QA: the confusion matrix of the latest eval
+  <eval>_weight_curve.png  MAMA: the learned sample weight w(l) against the loss l
 
 The curves come from WORKDIR/metrics.jsonl, the rest from the arrays evaluators save under
 WORKDIR/eval/<eval name>/step_<step>.npz.
@@ -115,6 +116,19 @@ def _confusion(name, step, arrays, path):
   return path
 
 
+def _weight_curve(name, step, arrays, path):
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  ax.plot(arrays["weight_curve_loss"], arrays["weight_curve"])
+  ax.set_xlabel("per-sample loss")
+  ax.set_ylabel("weight")
+  ax.grid(alpha=0.3)
+  ax.set_title(f"{name}: learned weight curve (step {step})", fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
 def write_report(workdir: str, out_dir: str | None = None) -> list[str]:
   """Writes the run's figures into `out_dir` (default WORKDIR/report); returns their paths.
 
@@ -148,6 +162,9 @@ def write_report(workdir: str, out_dir: str | None = None) -> list[str]:
                                os.path.join(out_dir, f"{name}_similarity.png")))
     if "t2v_rank" in arrays or "v2t_rank" in arrays:
       paths.append(_ranks(name, step, arrays, os.path.join(out_dir, f"{name}_ranks.png")))
+    if "weight_curve" in arrays:
+      paths.append(_weight_curve(name, step, arrays,
+                                 os.path.join(out_dir, f"{name}_weight_curve.png")))
     if "confusion" in arrays:
       paths.append(_confusion(name, step, arrays, os.path.join(out_dir, f"{name}_confusion.png")))
   return paths

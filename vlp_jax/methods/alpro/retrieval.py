@@ -13,14 +13,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vlp_jax.eval import features, rerank
+from vlp_jax.eval import dual_encoder, features, rerank
 from vlp_jax.eval import retrieval as retrieval_lib
 from vlp_jax.models import layers
 from vlp_jax.models.alpro import ALPRO
 from vlp_jax.parallel import sharding as shd
-
-
-_SHOWN_PAIRS = 32  # the similarity heat-map's size
 
 
 class RetrievalEvaluator:
@@ -118,12 +115,7 @@ class RetrievalEvaluator:
       out.update({f"retrieval_vtc/{n}": v for n, v in vtc.items()})
     else:
       out = {f"retrieval/{n}": v for n, v in vtc.items()}
-    if "probe" in feats and bool(jnp.any(feats["has_probe"])):
-      scores = jnp.einsum("be,bke->bk", feats["video"], feats["probe"])
-      right = (scores[:, 0] > scores[:, 1]) & feats["has_probe"]
-      out["retrieval/contrast_acc"] = float(100.0 * jnp.sum(right) / jnp.sum(feats["has_probe"]))
-    t2v, v2t = retrieval_lib.ranks(sim, gt)
-    n = min(sim.shape[0], _SHOWN_PAIRS)
-    arrays = {"similarity": np.asarray(jax.device_get(sim[:n, :n]), np.float32),
-              "t2v_rank": t2v, "v2t_rank": v2t}
-    return out, arrays
+    acc = dual_encoder.contrast_accuracy(feats)
+    if acc is not None:
+      out["retrieval/contrast_acc"] = acc
+    return out, dual_encoder.report_arrays(sim, gt)

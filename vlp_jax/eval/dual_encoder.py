@@ -1,0 +1,55 @@
+"""Retrieval evaluation of a dual encoder: rank by feature similarity (both directions),
+contrast-probe accuracy, and the arrays `launch.report` plots. Methods build their retrieval
+evaluators on these (ALPRO adds VTM re-ranking on top)."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vlp_jax.eval import features
+from vlp_jax.eval import retrieval as retrieval_lib
+
+SHOWN_PAIRS = 32  # the report's similarity heat-map size
+
+
+def contrast_accuracy(feats: dict) -> float | None:
+  """Percent of clips whose video is closer to its probe caption than to the altered one;
+  None without probes. `feats`: `video` [N,E], `probe` [N,2,E], `has_probe` bool [N]."""
+  if "probe" not in feats or not bool(jnp.any(feats["has_probe"])):
+    return None
+  scores = jnp.einsum("be,bke->bk", feats["video"], feats["probe"])
+  right = (scores[:, 0] > scores[:, 1]) & feats["has_probe"]
+  return float(100.0 * jnp.sum(right) / jnp.sum(feats["has_probe"]))
+
+
+def report_arrays(sim, gt: np.ndarray) -> dict[str, np.ndarray]:
+  """`similarity` float32 [n, n] of the first n <= 32 pairs; `t2v_rank`, `v2t_rank` int32."""
+  t2v, v2t = retrieval_lib.ranks(sim, gt)
+  n = min(sim.shape[0], SHOWN_PAIRS)
+  return {"similarity": np.asarray(jax.device_get(sim[:n, :n]), np.float32),
+          "t2v_rank": t2v, "v2t_rank": v2t}
+
+
+def evaluate(embed: Callable[[Any, dict], dict], params, batches, mesh, rules
+             ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+  """Similarity ranking over one pass of an eval loader (text i describes video i).
+
+  Args:
+    embed: (params, batch) -> {"video": [B,E], "text": [B,E]} L2-normalised features, plus
+      `probe` [B,2,E] and `has_probe` [B] when the batch carries contrast probes.
+  Returns:
+    (metrics `retrieval/t2v_R@1`, ... and `retrieval/contrast_acc` with probes, arrays of
+    `report_arrays`).
+  """
+  feats = features.collect(embed, params, batches, mesh, rules)
+  sim = features.similarity(feats["text"], feats["video"], mesh, rules)
+  gt = np.arange(sim.shape[0])
+  out = {f"retrieval/{n}": v for n, v in retrieval_lib.retrieval_metrics(sim, gt).items()}
+  acc = contrast_accuracy(feats)
+  if acc is not None:
+    out["retrieval/contrast_acc"] = acc
+  return out, report_arrays(sim, gt)
