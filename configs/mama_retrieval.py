@@ -32,6 +32,8 @@ def base() -> ml_collections.ConfigDict:
   c.meta = ml_collections.ConfigDict(dict(
       enabled=True,
       split="val",            # the meta set: clean, balanced, held out of training
+      exclude_ids="",         # its clip ids, left out of `train`; "" = DIR/<split>.ids.txt
+                              # when `python -m launch.meta_set` wrote it
       batch_size=0,           # 0 = batch_size
       every=1,                # meta-update period (steps)
       virtual_lr=1e-3,        # alpha of the virtual SGD step

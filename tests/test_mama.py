@@ -164,3 +164,46 @@ def test_mama_tiny_trains_evaluates_and_reports_its_weight_curve(tmp_path):
   with np.load(tmp_path / "eval" / "test" / "step_3.npz") as arrays:
     curve = arrays["weight_curve"]
     assert curve.shape == (81,) and np.all((curve > 0) & (curve < 1))
+
+
+def test_meta_set_is_balanced_held_out_of_training_and_named_when_short(tmp_path):
+  """launch.meta_set on the tiny corpus: per_group clips of every label, written as split
+  `meta` with its id list; the MAMA train stream never yields them; a short group is named."""
+  import os
+  import subprocess
+  import sys
+
+  from vlp_jax.data import meta_set, records, synthetic
+  data = tmp_path / "data"
+  synthetic.ensure(str(data), mama_retrieval.get_config("tiny").data.synthetic)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, "-m", "launch.meta_set", f"--data_dir={data}",
+                         "--field=entity", "--per_group=2"], cwd=root, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  ids = meta_set.read_ids(meta_set.ids_path(str(data), "meta"))
+  meta = [records.example_to_dict(r) for f in records.split_files(str(data), "meta")
+          for r in records.read_records(f)]
+  shapes = [m[records.ENTITIES][0].decode() for m in meta]
+  assert len(ids) == len(meta) == 2 * len(set(shapes)) and len(set(shapes)) >= 4
+  assert all(shapes.count(s) == 2 for s in set(shapes))
+  assert sorted(ids) == sorted(m[records.VIDEO_ID][0].decode() for m in meta)
+  assert records.expected_count(str(data), "meta") == len(ids)
+  with pytest.raises(ValueError, match=r"cannot be balanced: group '.*' of field 'label' has "
+                                       r"\d+ clips, fewer than per_group=1000"):
+    meta_set.build(str(data), split="train", field="label", per_group=1000, seed=0,
+                   out_split="meta2")
+  with pytest.raises(FileExistsError, match="already exists"):
+    meta_set.build(str(data), split="train", field="entity", per_group=2, seed=0)
+
+  c = mama_retrieval.get_config("tiny")
+  c.data.dir = str(data)
+  c.meta.split = "meta"
+  run = Trainer(c, str(tmp_path / "run")).build()
+  assert run.streams["train"].exclude_ids == meta_set.ids_path(str(data), "meta")
+  loaders = run.loaders()
+  seen = {v.decode() for _ in range(20) for v in next(loaders["train"])["video_id"]}
+  assert len(seen) > 20 and not seen & set(ids)  # 20 batches of 8: most clips, no meta clip
+  meta_seen = {v.decode() for _ in range(3) for v in next(loaders["meta"])["video_id"]}
+  assert meta_seen <= set(ids)
+  run.checkpointer.close()

@@ -42,12 +42,15 @@ class Stream:
     image_mix: mix whole batches of still images in at `config.data.image_ratio` (the
       `mixture.MixtureLoader`); the batches then also carry `is_image` bool [B].
     seed_offset: added to `config.seed` for this stream's shuffling and masking.
+    exclude_ids: a file of clip ids (one per line) this stream never yields, e.g. MAMA's
+      meta set held out of the training stream; "" = none.
   """
   keys: tuple[str, ...] = CAPTION_KEYS
   split: str | None = None
   batch_size: int | None = None
   image_mix: bool = False
   seed_offset: int = 0
+  exclude_ids: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

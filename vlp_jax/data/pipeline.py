@@ -109,6 +109,7 @@ class Loader:
     process_index, process_count: this process reads files[process_index::process_count].
     data_dir: overrides `data_cfg.dir` (e.g. the resolved `WORKDIR/data`).
     answer_vocab: the QA answer vocabulary (answers.load_or_build); None = captions.
+    exclude_ids: clip ids a training stream never yields (e.g. MAMA's held-out meta set).
 
   Attributes:
     files: this process's shard files.
@@ -121,8 +122,9 @@ class Loader:
   def __init__(self, data_cfg, split: str, *, batch_size: int, training: bool, seed: int,
                tokenizer, num_frames: int, image_size: int, process_index: int = 0,
                process_count: int = 1, data_dir: str | None = None,
-               answer_vocab: list[str] | None = None):
+               answer_vocab: list[str] | None = None, exclude_ids: list[str] | None = None):
     self.cfg = data_cfg
+    self.exclude_ids = sorted(set(exclude_ids or ()))
     self.split = split
     self.batch_size = int(batch_size)
     self.training = bool(training)
@@ -193,6 +195,8 @@ class Loader:
                                   reshuffle_each_iteration=True).repeat()
       ds = files_ds.interleave(tf.data.TFRecordDataset, cycle_length=min(len(files), 16),
                                block_length=1, num_parallel_calls=npc, deterministic=True)
+      if self.exclude_ids:
+        ds = ds.filter(self._not_excluded())
       ds = ds.shuffle(int(cfg.shuffle_buffer), seed=self._seeds["records"],
                       reshuffle_each_iteration=True)
       ds = ds.map(lambda s: (s, False))
@@ -218,6 +222,19 @@ class Loader:
     options = tf.data.Options()
     options.deterministic = True
     return ds.with_options(options)
+
+  def _not_excluded(self):
+    """A tf.data predicate: the record's clip id is not in `exclude_ids`."""
+    table = tf.lookup.StaticHashTable(
+        tf.lookup.KeyValueTensorInitializer(tf.constant(self.exclude_ids, tf.string),
+                                            tf.ones([len(self.exclude_ids)], tf.bool)),
+        default_value=False)
+    spec = {records.VIDEO_ID: tf.io.FixedLenFeature([], tf.string)}
+
+    def keep(serialized):
+      ctx, _ = tf.io.parse_single_sequence_example(serialized, context_features=spec)
+      return tf.logical_not(table.lookup(ctx[records.VIDEO_ID]))
+    return keep
 
   @staticmethod
   def _sentinel() -> bytes:

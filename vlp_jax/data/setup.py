@@ -76,15 +76,16 @@ def stream_loader(config, data_dir: str | None, text: TextInfo, stream, batch_pe
 
   Args:
     stream: a `vlp_jax.core.task.Stream`: its `split` (None = `data.train_split`),
-      `seed_offset` and `image_mix`. With `image_mix` and `data.image_ratio` > 0, each step is
-      instead, with that probability, a batch of the still images of split `data.image_split`
-      in `data.image_dir` ("" = the data directory): a `mixture.MixtureLoader`, whose batches
-      also carry `is_image` bool [B].
+      `seed_offset`, `exclude_ids` and `image_mix`. With `image_mix` and
+      `data.image_ratio` > 0, each step is instead, with that probability, a batch of the
+      still images of split `data.image_split` in `data.image_dir` ("" = the data
+      directory): a `mixture.MixtureLoader`, whose batches also carry `is_image` bool [B].
   """
   d = config.data
   seed = int(config.seed) + int(stream.seed_offset)
   split = stream.split or d.train_split
-  video = _train_loader(config, data_dir, split, text, batch_per_process, seed)
+  exclude = _exclude_ids(stream.exclude_ids)
+  video = _train_loader(config, data_dir, split, text, batch_per_process, seed, exclude)
   ratio = float(d.get("image_ratio", 0.0))
   if not stream.image_mix or ratio <= 0.0:
     return video
@@ -94,7 +95,14 @@ def stream_loader(config, data_dir: str | None, text: TextInfo, stream, batch_pe
   return mixture.MixtureLoader(video, image, ratio, seed)
 
 
-def _train_loader(config, data_dir, split, text, batch_per_process, seed):
+def _exclude_ids(path: str) -> list[str] | None:
+  if not path:
+    return None
+  from vlp_jax.data import meta_set  # noqa: PLC0415  (imports tensorflow)
+  return meta_set.read_ids(path)
+
+
+def _train_loader(config, data_dir, split, text, batch_per_process, seed, exclude=None):
   d = config.data
   if d.source == "random":
     return RandomLoader(batch_size_global=config.batch_size, num_frames=d.num_frames,
@@ -107,7 +115,7 @@ def _train_loader(config, data_dir, split, text, batch_per_process, seed):
   return Loader(d, split, batch_size=batch_per_process, training=True, seed=seed,
                 tokenizer=text.tokenizer, num_frames=d.num_frames, image_size=d.image_size,
                 process_index=jax.process_index(), process_count=jax.process_count(),
-                data_dir=data_dir, answer_vocab=text.answers)
+                data_dir=data_dir, answer_vocab=text.answers, exclude_ids=exclude)
 
 
 def eval_loader(config, data_dir: str, split: str, text: TextInfo, batch_per_process: int):

@@ -10,6 +10,7 @@ Streams: `train`, and `meta` (a clean, balanced split held out of training, `met
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 import flax.linen as nn
@@ -46,12 +47,23 @@ class MAMARetrievalTask(task_lib.Task):
     self.meta = bool(config.meta.enabled)
 
   def streams(self) -> dict[str, task_lib.Stream]:
-    out = {"train": task_lib.Stream(keys=KEYS)}
+    """`train` (without the meta set's clips) and, with meta weights, `meta`."""
+    out = {"train": task_lib.Stream(keys=KEYS, exclude_ids=self._meta_ids())}
     if self.meta:
       out["meta"] = task_lib.Stream(keys=KEYS, split=self.config.meta.split,
                                     batch_size=int(self.config.meta.batch_size) or None,
                                     seed_offset=1)
     return out
+
+  def _meta_ids(self) -> str:
+    """`meta.exclude_ids`, or DATA_DIR/<meta.split>.ids.txt when `launch.meta_set` wrote it."""
+    if not self.meta:
+      return ""
+    if self.config.meta.exclude_ids:
+      return self.config.meta.exclude_ids
+    d = self.config.data.dir
+    path = os.path.join(d, f"{self.config.meta.split}.ids.txt") if d else ""
+    return path if path and os.path.isfile(path) else ""
 
   def init_collections(self, rng: jax.Array) -> dict[str, Any]:
     d = self.config.data
