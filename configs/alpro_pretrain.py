@@ -35,7 +35,12 @@ def base() -> ml_collections.ConfigDict:
   # Data. `dir` holds `<split>-XXXXX-of-XXXXX.tfrecord`; empty = `WORKDIR/data`, generated
   # from the synthetic corpus when `synthetic.generate` is set and it is not there yet.
   c.data = ml_collections.ConfigDict()
-  c.data.source = "tfrecord"           # "tfrecord" | "random" (device benchmark, no TF)
+  c.data.source = "tfrecord"           # "tfrecord" | "tfds" | "random" (benchmark, no TF)
+  # data.source="tfds": a prepared TFDS video dataset and its feature mapping (`name` with
+  # `dir` as its data_dir, or `dir` = a dataset version directory); `caption` "" = the class
+  # name of `label`; `id` "" = TFDS's example id. Set data.vocab (or data.dir/vocab.txt).
+  c.data.tfds = ml_collections.ConfigDict(dict(name="", dir="", video="video", caption="",
+                                               label="label", id=""))
   c.data.dir = ""
   c.data.vocab = ""                     # vocab.txt for the BERT tokenizer; "" = DIR/vocab.txt
   c.data.train_split = "train"

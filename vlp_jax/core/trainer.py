@@ -141,8 +141,9 @@ class Trainer:
     self.data_dir = None
     if config.data.source != "random":
       self.data_dir = data_setup.resolve_dir(config, self.workdir)
-      with config.unlocked():
-        config.data.dir = self.data_dir
+      if self.data_dir is not None:
+        with config.unlocked():
+          config.data.dir = self.data_dir
     self.text = data_setup.text_info(config, self.data_dir, self.workdir)
     self.task = task_lib.build(config, self.text)
     self.streams = dict(self.task.streams())
@@ -269,7 +270,7 @@ class Trainer:
     """
     self._require_built()
     results = {}
-    if self.data_dir is None:  # random benchmark data: nothing to evaluate on
+    if self.config.data.source == "random":  # benchmark data: nothing to evaluate on
       return results
     evaluators = self.task.evaluators()
     n = int(self.config.eval_batch_size)
@@ -305,7 +306,7 @@ class Trainer:
     os.replace(path + ".tmp", path)
 
   def _check_count(self, split: str, seen: int) -> None:
-    expected = data_setup.expected_count(self.data_dir, split)
+    expected = data_setup.expected_count(self.config, self.data_dir, split)
     if expected is None or expected == seen:
       return
     message = (f"evaluation of split {split!r} covered {seen} clips, but {expected} were "

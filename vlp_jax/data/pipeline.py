@@ -65,14 +65,23 @@ def frame_indices(n: tf.Tensor, num_frames: int, mode: str, u: tf.Tensor | None 
   return tf.clip_by_value(idx, 0, n - 1)
 
 
-def _looks_like_jpeg(jpegs: tf.Tensor) -> tf.Tensor:
-  """bool [K]: starts with FFD8, ends with FFD9 and passes tf.io.is_jpeg (cheap, no decode)."""
-  lens = tf.strings.length(jpegs)
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _is_png(frames: tf.Tensor) -> tf.Tensor:
+  """bool [K]: starts with the PNG signature (TFDS video features store PNG frames)."""
+  lens = tf.strings.length(frames)
+  return tf.strings.substr(frames, tf.zeros_like(lens), tf.fill(tf.shape(lens), 8)) == _PNG_MAGIC
+
+
+def _looks_like_image(frames: tf.Tensor) -> tf.Tensor:
+  """bool [K]: a complete-looking JPEG (FFD8 ... FFD9, tf.io.is_jpeg) or a PNG; no decode."""
+  lens = tf.strings.length(frames)
   two = tf.fill(tf.shape(lens), 2)
-  head = tf.strings.substr(jpegs, tf.zeros_like(lens), two) == b"\xff\xd8"
-  tail = tf.strings.substr(jpegs, tf.maximum(lens - 2, 0), two) == b"\xff\xd9"
-  magic = tf.map_fn(tf.io.is_jpeg, jpegs, fn_output_signature=tf.bool)
-  return (lens >= 4) & head & tail & magic
+  head = tf.strings.substr(frames, tf.zeros_like(lens), two) == b"\xff\xd8"
+  tail = tf.strings.substr(frames, tf.maximum(lens - 2, 0), two) == b"\xff\xd9"
+  magic = tf.map_fn(tf.io.is_jpeg, frames, fn_output_signature=tf.bool)
+  return ((lens >= 4) & head & tail & magic) | ((lens > 8) & _is_png(frames))
 
 
 def _seeds(seed: int, process_index: int) -> dict[str, int]:
@@ -142,7 +151,43 @@ class Loader:
       raise ValueError(f"frame sampling {self.sampling!r} not in {SAMPLING_MODES}")
     if not 0 <= self.process_index < self.process_count:
       raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-    data_dir = data_dir if data_dir is not None else data_cfg.dir
+    self.corrupt_records = 0
+    self.special_ids = sorted(set(tokenizer.all_special_ids))
+    self.vocab_size = len(tokenizer)
+    self.mask_id = tokenizer.mask_token_id
+    self._seeds = _seeds(self.seed, self.process_index)
+    self._iterator = iter(self._dataset(self._source(data_dir)))
+    self._ckpt = tf.train.Checkpoint(iterator=self._iterator)
+    self.skipped = 0
+    self.step = 0
+    self._done = False
+
+  # ----------------------------------------------------------------------------- tf.data
+  def _npc(self):
+    npc = self.cfg.num_parallel_calls
+    return tf.data.AUTOTUNE if npc in (-1, None) else int(npc)
+
+  def _context_keys(self) -> tuple[str, ...]:
+    keys = (records.VIDEO_ID, records.NUM_FRAMES, records.CAPTIONS)
+    if self.qa:
+      keys += (records.QUESTIONS, records.ANSWERS)
+    elif not self.training:
+      keys += (records.CONTRAST,)
+    return keys
+
+  def _parse(self, serialized) -> dict[str, tf.Tensor]:
+    return records.parse_clip(serialized, context_keys=self._context_keys())
+
+  def _sentinel_example(self) -> tf.data.Dataset:
+    """One marker element (parsed, flagged) that ends an eval pass; see `_dataset`."""
+    return tf.data.Dataset.from_tensors(tf.constant(self._sentinel())).map(
+        lambda s: (self._parse(s), True))
+
+  def _source(self, data_dir: str | None) -> tf.data.Dataset:
+    """(parsed clip dict in `records.parse_clip`'s layout, is-end-marker) pairs of this
+    process's share of the split: shuffled and repeated for training, one pass for eval."""
+    split = self.split
+    data_dir = data_dir if data_dir is not None else self.cfg.dir
     if not data_dir:
       raise ValueError("data.dir is empty: pass the resolved data directory")
 
@@ -175,20 +220,9 @@ class Loader:
       raise ValueError(f"process {self.process_index}: all its files of split {split!r} are "
                        f"empty: {mine}")
 
-    self.special_ids = sorted(set(tokenizer.all_special_ids))
-    self.vocab_size = len(tokenizer)
-    self.mask_id = tokenizer.mask_token_id
-    self._seeds = _seeds(self.seed, self.process_index)
-    self._iterator = iter(self._dataset(nonempty))
-    self._ckpt = tf.train.Checkpoint(iterator=self._iterator)
-    self.skipped = 0
-    self.step = 0
-    self._done = False
-
-  # ----------------------------------------------------------------------------- tf.data
-  def _dataset(self, files: list[str]) -> tf.data.Dataset:
+    files = nonempty
     cfg = self.cfg
-    npc = tf.data.AUTOTUNE if cfg.num_parallel_calls in (-1, None) else int(cfg.num_parallel_calls)
+    npc = self._npc()
     files_ds = tf.data.Dataset.from_tensor_slices(tf.constant(files, tf.string))
     if self.training:
       files_ds = files_ds.shuffle(len(files), seed=self._seeds["files"],
@@ -199,12 +233,18 @@ class Loader:
         ds = ds.filter(self._not_excluded())
       ds = ds.shuffle(int(cfg.shuffle_buffer), seed=self._seeds["records"],
                       reshuffle_each_iteration=True)
-      ds = ds.map(lambda s: (s, False))
-    else:
-      ds = files_ds.flat_map(tf.data.TFRecordDataset).map(lambda s: (s, False))
-      # One marker record at the end: it carries the final skip count out of the pipeline
-      # even when the last real clips were dropped, and ends the pass.
-      ds = ds.concatenate(tf.data.Dataset.from_tensors((tf.constant(self._sentinel()), True)))
+      return ds.map(lambda s: (self._parse(s), False), num_parallel_calls=npc,
+                    deterministic=True)
+    ds = files_ds.flat_map(tf.data.TFRecordDataset).map(
+        lambda s: (self._parse(s), False), num_parallel_calls=npc, deterministic=True)
+    # One marker element at the end: it carries the final skip count out of the pipeline
+    # even when the last real clips were dropped, and ends the pass.
+    return ds.concatenate(self._sentinel_example())
+
+  # ----------------------------------------------------------------------------- tf.data
+  def _dataset(self, ds: tf.data.Dataset) -> tf.data.Dataset:
+    cfg = self.cfg
+    npc = self._npc()
     ds = ds.enumerate()
     ds = ds.map(self._select, num_parallel_calls=npc, deterministic=True)
 
@@ -242,14 +282,8 @@ class Loader:
     return records.clip_example("", [jpeg], [""], 0.0).SerializeToString()
 
   def _select(self, index, pair):
-    """Parse, choose frame indices and caption, check the chosen JPEGs (no decoding)."""
-    serialized, sentinel = pair
-    keys = (records.VIDEO_ID, records.NUM_FRAMES, records.CAPTIONS)
-    if self.qa:
-      keys += (records.QUESTIONS, records.ANSWERS)
-    elif not self.training:
-      keys += (records.CONTRAST,)
-    ex = records.parse_clip(serialized, context_keys=keys)
+    """Choose frame indices and caption, check the chosen frames (no decoding)."""
+    ex, sentinel = pair
     frames = ex[records.FRAMES]
     stored = tf.shape(frames, out_type=tf.int32)[0]
     declared = tf.cast(ex[records.NUM_FRAMES], tf.int32)
@@ -261,7 +295,7 @@ class Loader:
     idx = tf.where(n > 0, idx, stored)  # no frames: points at the b"" pad, fails the check
     unique_idx, frame_pos = tf.unique(idx)  # decode each repeated frame once
     jpegs = tf.gather(tf.concat([frames, [b""]], 0), unique_idx)
-    ok = (n > 0) & tf.reduce_all(_looks_like_jpeg(jpegs))
+    ok = (n > 0) & tf.reduce_all(_looks_like_image(jpegs))
     captions = ex[records.CAPTIONS]
     num_captions = tf.size(captions)
     if self.training:
@@ -295,7 +329,9 @@ class Loader:
   def _decode(self, x):
     """Decode only the chosen frames, crop (same window for all frames) and resize."""
     jpegs = x["jpegs"]
-    shape = tf.io.extract_jpeg_shape(jpegs[0])
+    png = _is_png(jpegs[:1])[0]
+    shape = tf.cond(png, lambda: tf.shape(tf.io.decode_png(jpegs[0], channels=3)),
+                    lambda: tf.io.extract_jpeg_shape(jpegs[0]))
     h, w = shape[0], shape[1]
     size = self.image_size
     crop_key, flip_key = tf.unstack(tf.random.experimental.stateless_split(x["key"], 2))
@@ -312,8 +348,11 @@ class Loader:
       side = tf.minimum(h, w)
       window = tf.stack([(h - side) // 2, (w - side) // 2, side, side])
 
-    def decode_one(jpeg):
-      img = tf.io.decode_and_crop_jpeg(jpeg, window, channels=3)
+    def decode_one(frame):
+      img = tf.cond(
+          png, lambda: tf.image.crop_to_bounding_box(tf.io.decode_png(frame, channels=3),
+                                                     window[0], window[1], window[2], window[3]),
+          lambda: tf.io.decode_and_crop_jpeg(frame, window, channels=3))
       return tf.image.resize(img, [size, size], method="bilinear", antialias=True)
 
     frames = tf.map_fn(decode_one, jpegs,
@@ -419,3 +458,78 @@ class Loader:
                        f"{state['process_index']} of {state['process_count']}")
     self._ckpt.read(path).assert_consumed()
     self.step, self.skipped, self._done = state["step"], state["skipped"], state["done"]
+
+
+def tfds_builder(tfds_cfg):
+  """The prepared TFDS dataset `data.tfds` names: `name` (+ `dir` as its data_dir), or a
+  dataset version directory in `dir` (`tfds.builder_from_directory`)."""
+  import tensorflow_datasets as tfds  # noqa: PLC0415  (slow import, only for this source)
+  if tfds_cfg.name:
+    return tfds.builder(tfds_cfg.name, data_dir=tfds_cfg.dir or None)
+  if not tfds_cfg.dir or not os.path.isdir(tfds_cfg.dir):
+    raise FileNotFoundError(f"data.tfds.dir {tfds_cfg.dir!r} is not a prepared TFDS dataset "
+                            "directory (or set data.tfds.name)")
+  return tfds.builder_from_directory(tfds_cfg.dir)
+
+
+class TfdsLoader(Loader):
+  """`Loader` over a prepared TFDS video dataset (`data.source = "tfds"`, e.g. a user's
+  prepared `ucf101`), through the feature mapping `data.tfds`:
+
+    video    a `tfds.features.Video` feature (its encoded frames are read, only the sampled
+             ones decoded, as for our records)
+    caption  a text feature used as the caption; "" = the class name of `label`
+    label    a `ClassLabel` feature (also the caption when `caption` is "")
+    id       a feature naming the clip; "" = TFDS's own example id
+
+  Files are split over processes by TFDS (`input_context`); training shuffles the files and
+  the examples, evaluation reads the split once in order.
+  """
+
+  def _source(self, data_dir):
+    del data_dir
+    import tensorflow_datasets as tfds  # noqa: PLC0415  (slow import, only for this source)
+    m = self.cfg.tfds
+    builder = tfds_builder(m)
+    info = builder.info
+    if self.split not in info.splits:
+      raise ValueError(f"TFDS dataset {info.name!r} has no split {self.split!r}; it has "
+                       f"{sorted(info.splits)}")
+    for key, what in ((m.video, "video"), (m.caption, "caption"), (m.label, "label"),
+                      (m.id, "id")):
+      if key and key not in info.features:
+        raise ValueError(f"data.tfds.{what}={key!r} is not a feature of {info.name!r}; it has "
+                         f"{sorted(info.features)}")
+    if not m.caption and not m.label:
+      raise ValueError("data.tfds needs a caption or a label feature for the text")
+    self.files = [f"{info.name}:{self.split}"]
+    names = tf.constant(info.features[m.label].names if m.label and not m.caption else [""])
+    read = tfds.ReadConfig(
+        shuffle_seed=self._seeds["files"], add_tfds_id=True,
+        input_context=tf.distribute.InputContext(num_input_pipelines=self.process_count,
+                                                 input_pipeline_id=self.process_index))
+    ds = builder.as_dataset(split=self.split, shuffle_files=self.training, read_config=read,
+                            decoders={m.video: tfds.decode.SkipDecoding()})
+
+    def to_clip(x):
+      frames = x[m.video]
+      label = tf.cast(x[m.label], tf.int64) if m.label else tf.constant(-1, tf.int64)
+      text = x[m.caption] if m.caption else tf.gather(names, label)
+      clip_id = x[m.id] if m.id else x["tfds_id"]
+      return {records.VIDEO_ID: tf.strings.as_string(clip_id) if clip_id.dtype != tf.string
+              else clip_id,
+              records.NUM_FRAMES: tf.cast(tf.shape(frames)[0], tf.int64),
+              records.CAPTIONS: tf.reshape(text, [1]), records.FRAMES: frames,
+              records.QUESTIONS: tf.zeros([0], tf.string),
+              records.ANSWERS: tf.zeros([0], tf.string),
+              records.CONTRAST: tf.zeros([0], tf.string)}
+
+    npc = self._npc()
+    if self.training:
+      ds = ds.repeat().shuffle(int(self.cfg.shuffle_buffer), seed=self._seeds["records"],
+                               reshuffle_each_iteration=True)
+      return ds.map(lambda x: (to_clip(x), False), num_parallel_calls=npc, deterministic=True)
+    keys = self._context_keys() + (records.FRAMES,)
+    ds = ds.map(lambda x: ({k: v for k, v in to_clip(x).items() if k in keys}, False),
+                num_parallel_calls=npc, deterministic=True)
+    return ds.concatenate(self._sentinel_example())

@@ -1,6 +1,6 @@
 """Builds the loaders a run needs from its config (the trainer's one entry into data/).
 
-TensorFlow is imported only for `data.source == "tfrecord"`, so the device benchmark path
+TensorFlow is imported only for `data.source` "tfrecord" or "tfds", so the device benchmark path
 (`data.source = "random"`) runs without it.
 """
 from __future__ import annotations
@@ -17,13 +17,17 @@ from vlp_jax.data import tokenizer as tok
 from vlp_jax.data.random_source import RandomLoader
 
 
-def resolve_dir(config, workdir: str) -> str:
+def resolve_dir(config, workdir: str) -> str | None:
   """The dataset directory: `config.data.dir`, or WORKDIR/data (generated when synthetic).
+  With `data.source = "tfds"` the records are TFDS's: `data.dir` (optional) only holds
+  vocab.txt.
 
   Raises:
     FileNotFoundError: the directory does not exist and no synthetic corpus is configured.
   """
   d = config.data
+  if d.source == "tfds":
+    return os.path.abspath(d.dir) if d.dir else None
   path = os.path.abspath(d.dir) if d.dir else os.path.join(os.path.abspath(workdir), "data")
   if d.synthetic.generate:
     if jax.process_index() == 0:
@@ -58,6 +62,9 @@ def text_info(config, data_dir: str | None, workdir: str | None = None) -> TextI
     if size <= 0:
       raise ValueError("data.source='random' needs config.model.text.vocab_size > 0")
     return TextInfo(None, size)
+  if not config.data.vocab and not data_dir:
+    raise ValueError("data.source='tfds' needs data.vocab (a WordPiece vocab.txt) or data.dir "
+                     "holding vocab.txt")
   vocab = config.data.vocab or os.path.join(data_dir, "vocab.txt")
   t = tok.load_tokenizer(vocab)
   answers = None
@@ -109,10 +116,12 @@ def _train_loader(config, data_dir, split, text, batch_per_process, seed, exclud
                         image_size=d.image_size, max_text_len=d.max_text_len,
                         vocab_size=text.vocab_size, seed=seed,
                         process_index=jax.process_index(), process_count=jax.process_count())
-  if d.source != "tfrecord":
-    raise ValueError(f"config.data.source must be 'tfrecord' or 'random', got {d.source!r}")
-  from vlp_jax.data.pipeline import Loader  # noqa: PLC0415  (imports tensorflow)
-  return Loader(d, split, batch_size=batch_per_process, training=True, seed=seed,
+  if d.source not in ("tfrecord", "tfds"):
+    raise ValueError(f"config.data.source must be 'tfrecord', 'tfds' or 'random', got "
+                     f"{d.source!r}")
+  from vlp_jax.data import pipeline  # noqa: PLC0415  (imports tensorflow)
+  loader = pipeline.TfdsLoader if d.source == "tfds" else pipeline.Loader
+  return loader(d, split, batch_size=batch_per_process, training=True, seed=seed,
                 tokenizer=text.tokenizer, num_frames=d.num_frames, image_size=d.image_size,
                 process_index=jax.process_index(), process_count=jax.process_count(),
                 data_dir=data_dir, answer_vocab=text.answers, exclude_ids=exclude)
@@ -120,15 +129,19 @@ def _train_loader(config, data_dir, split, text, batch_per_process, seed, exclud
 
 def eval_loader(config, data_dir: str, split: str, text: TextInfo, batch_per_process: int):
   """One deterministic pass over `split`; the last batch is padded with valid=False rows."""
-  from vlp_jax.data.pipeline import Loader  # noqa: PLC0415  (imports tensorflow)
+  from vlp_jax.data import pipeline  # noqa: PLC0415  (imports tensorflow)
   d = config.data
-  return Loader(d, split, batch_size=batch_per_process, training=False, seed=config.seed,
+  loader = pipeline.TfdsLoader if d.source == "tfds" else pipeline.Loader
+  return loader(d, split, batch_size=batch_per_process, training=False, seed=config.seed,
                 tokenizer=text.tokenizer, num_frames=d.num_frames, image_size=d.image_size,
                 process_index=jax.process_index(), process_count=jax.process_count(),
                 data_dir=data_dir, answer_vocab=text.answers)
 
 
-def expected_count(data_dir: str, split: str) -> int | None:
-  """Clips of `split` as written (shard manifests), None when unknown."""
+def expected_count(config, data_dir: str | None, split: str) -> int | None:
+  """Clips of `split` as written (shard manifests, or TFDS's split info), None when unknown."""
+  if config.data.source == "tfds":
+    from vlp_jax.data import pipeline  # noqa: PLC0415  (imports tensorflow)
+    return int(pipeline.tfds_builder(config.data.tfds).info.splits[split].num_examples)
   from vlp_jax.data import records  # noqa: PLC0415  (imports tensorflow)
   return records.expected_count(data_dir, split)
