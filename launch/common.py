@@ -7,14 +7,20 @@ import os
 from absl import flags, logging
 
 
-def define_run_flags(workdir_help: str) -> None:
-  """--config (FILE.py:PRESET[,k=v], with --config.a.b=v overrides), --workdir, distributed."""
+def define_config_flag() -> None:
+  """--config (FILE.py:PRESET[,k=v], with --config.a.b=v overrides), required."""
   from ml_collections import config_flags
   config_flags.DEFINE_config_file("config", None,
                                   "Config file and preset: FILE.py:PRESET[,k=v]",
                                   lock_config=True)
+  flags.mark_flags_as_required(["config"])
+
+
+def define_run_flags(workdir_help: str) -> None:
+  """--config, --workdir (required) and the distributed flags."""
+  define_config_flag()
   flags.DEFINE_string("workdir", None, workdir_help)
-  flags.mark_flags_as_required(["config", "workdir"])
+  flags.mark_flags_as_required(["workdir"])
   define_distributed_flags()
 
 

@@ -114,8 +114,9 @@ def jit_update(update: UpdateFn, state_shardings, mesh, rules, frozen=None,
   """Jits an update with state in/out shardings, every batch leaf sharded on `batch` and the
   state donated.
 
-  Returns `run(state, batches) -> (state, metrics)`; the `frozen` pytree (sharded as
-  `frozen_shardings`) is bound here and passed to every step as an argument, not a constant.
+  Returns `run(state, batches) -> (state, metrics)`, with `run.lower(state, batches)` for
+  ahead-of-time compilation; the `frozen` pytree (sharded as `frozen_shardings`) is bound here
+  and passed to every step as an argument, not a constant.
   """
   batch_shd = shd.batch_sharding(mesh, rules)  # a prefix: every batch leaf splits on dim 0
   frozen_shd = shd.replicated(mesh) if frozen is None else frozen_shardings
@@ -126,4 +127,10 @@ def jit_update(update: UpdateFn, state_shardings, mesh, rules, frozen=None,
   def run(state, batches):
     with shd.activate(mesh, rules):
       return jitted(state, batches, frozen)
+
+  def lower(state, batches):
+    """The step lowered for these inputs (`.compile()`, cost and memory analyses)."""
+    with shd.activate(mesh, rules):
+      return jitted.lower(state, batches, frozen)
+  run.lower = lower
   return run

@@ -1,0 +1,128 @@
+"""Step-time benchmark of any config's update: compile time, step time, FLOPs, MFU, memory.
+
+The run uses `data.source = "random"` (device batches of the right shapes, no TensorFlow) and
+times the compiled update on one batch per stream, so it measures the device step alone.
+FLOPs per step come from XLA's cost analysis of the compiled step; MFU divides the achieved
+FLOP/s by the peak of the devices (a table of accelerators; on CPU a measured float32 GEMM).
+"""
+from __future__ import annotations
+
+import copy
+import statistics
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vlp_jax.core import trainer as trainer_lib
+
+# Dense bf16 peak FLOP/s per device (vendor figures).
+PEAK_FLOPS = {
+    "h200": 989e12, "h100": 989e12, "a100": 312e12,
+    "tpu v4": 275e12, "tpu v5 lite": 197e12, "tpu v5e": 197e12, "tpu v5p": 459e12,
+}
+
+
+def peak_flops(device) -> tuple[float | None, str]:
+  """(peak FLOP/s of one device, where the figure comes from); None when unknown."""
+  kind = device.device_kind.lower()
+  for name, flops in PEAK_FLOPS.items():
+    if name in kind:
+      return flops, f"table ({name})"
+  if device.platform == "cpu":
+    return measured_gemm_flops(), "measured float32 GEMM"
+  return None, f"unknown device kind {device.device_kind!r}"
+
+
+def measured_gemm_flops(n: int = 1024, repeats: int = 5) -> float:
+  """Best FLOP/s of an n x n float32 matmul on the default device (a CPU peak estimate)."""
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  best = min(_timed(lambda: f(a).block_until_ready()) for _ in range(repeats))
+  return 2.0 * n ** 3 / best
+
+
+def _timed(fn) -> float:
+  t0 = time.perf_counter()
+  fn()
+  return time.perf_counter() - t0
+
+
+def _cost(compiled) -> float | None:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+def _compiled_memory(compiled) -> int | None:
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # not every backend implements it
+    return None
+  if m is None:
+    return None
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+             - m.alias_size_in_bytes)
+
+
+def run(config, steps: int = 10, warmup: int = 2, devices=None) -> dict:
+  """Benchmarks `config`'s update step; returns the figures (see `launch.benchmark`)."""
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    config.data.source = "random"
+    if int(config.model.text.get("vocab_size", 0)) <= 0:
+      config.model.text.vocab_size = 30522  # bert-base's: a realistic embedding size
+  with tempfile.TemporaryDirectory() as workdir:
+    trainer = trainer_lib.Trainer(config, workdir, devices).build()
+    loaders = {k: iter(v) for k, v in trainer.loaders().items()}
+    batches = trainer.device_batches({k: next(it) for k, it in loaders.items()})
+    step = trainer.update_fn(trainer.load_frozen())
+    t0 = time.perf_counter()
+    compiled = step.lower(trainer.state, batches).compile()
+    compile_s = time.perf_counter() - t0
+    flops = _cost(compiled)
+    compiled_bytes = _compiled_memory(compiled)
+    state = trainer.state
+    times = []
+    for i in range(warmup + steps):
+      t0 = time.perf_counter()
+      state, metrics = step(state, batches)
+      jax.block_until_ready((state, metrics))
+      if i >= warmup:
+        times.append(time.perf_counter() - t0)
+    trainer.checkpointer.close()
+  mesh_devices = list(trainer.mesh.devices.flat)
+  stats = [d.memory_stats() or {} for d in mesh_devices if hasattr(d, "memory_stats")]
+  peaks = [s.get("peak_bytes_in_use") for s in stats if s.get("peak_bytes_in_use")]
+  median = statistics.median(times)
+  peak, peak_source = peak_flops(mesh_devices[0])
+  achieved = flops / median if flops else None
+  total_peak = peak * len(mesh_devices) if peak else None
+  batch = int(config.batch_size)
+  return {
+      "config_task": config.task,
+      "step_time_s": median, "step_time_min_s": min(times), "step_time_max_s": max(times),
+      "examples_per_s": batch / median, "batch_size": batch, "compile_s": compile_s,
+      "flops_per_step": flops, "tflops_per_s": achieved / 1e12 if achieved else None,
+      "mfu": achieved / total_peak if achieved and total_peak else None,
+      "peak_flops_per_device": peak, "peak_flops_source": peak_source,
+      "peak_memory_bytes": max(peaks) if peaks else compiled_bytes,
+      "compiled_memory_bytes": compiled_bytes,
+      "devices": len(mesh_devices), "platform": mesh_devices[0].platform,
+      "device_kind": mesh_devices[0].device_kind, "steps": steps,
+      "loss_finite": bool(np.isfinite(float(jax.device_get(metrics["loss"])))),
+  }
+
+
+def table(figures: dict) -> str:
+  """The figures as aligned `key  value` lines."""
+  def fmt(v):
+    if isinstance(v, float):
+      return f"{v:.4g}"
+    return str(v)
+  width = max(len(k) for k in figures)
+  return "\n".join(f"{k:<{width}}  {fmt(v)}" for k, v in figures.items())
