@@ -39,6 +39,7 @@ def base() -> ml_collections.ConfigDict:
       virtual_lr=1e-3,        # alpha of the virtual SGD step
       normalize="sum",        # weights normalised by their sum, or "l2" (the official code)
       hidden=64,              # weighting net width (MAMA: 64, Meta-Weight-Net: 100)
+      gradient="exact",       # "exact" (through the virtual step) or "first_order"
       remat=False,            # recompute the virtual step in the meta backward pass
       curve_max_loss=16.0,    # the report's weight curve w(l) spans l in [0, this]
   ))

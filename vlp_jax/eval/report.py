@@ -55,6 +55,17 @@ def _curves(rows: list[dict], keys: list[str], title: str, path: str) -> str:
   return path
 
 
+def _save(fig, ax, title: str, xlabel: str, ylabel: str, path: str) -> str:
+  """Labels a one-panel figure, writes it to `path` and frees it."""
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title, fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
 def _latest_arrays(workdir: str) -> dict[str, tuple[int, dict]]:
   """{eval name: (step, arrays)} of each evaluator's newest saved arrays."""
   out = {}
@@ -72,13 +83,8 @@ def _similarity(name, step, sim, path):
   fig, ax = plt.subplots(figsize=(5, 4.5))
   im = ax.imshow(sim, cmap="viridis")
   fig.colorbar(im, ax=ax)
-  ax.set_xlabel("video")
-  ax.set_ylabel("text")
-  ax.set_title(f"{name}: similarity of the first {sim.shape[0]} pairs (step {step})", fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
+  return _save(fig, ax, f"{name}: similarity of the first {sim.shape[0]} pairs (step {step})",
+               "video", "text", path)
 
 
 def _ranks(name, step, arrays, path):
@@ -89,14 +95,9 @@ def _ranks(name, step, arrays, path):
       bins = np.unique(np.round(np.geomspace(1, max(int(r.max()), 2) + 1, 30)))
       ax.hist(r, bins=bins, alpha=0.6, label=f"{label} (median {np.median(r):g})")
   ax.set_xscale("log")
-  ax.set_xlabel("rank of the ground truth")
-  ax.set_ylabel("queries")
   ax.legend(fontsize=8)
-  ax.set_title(f"{name}: ranks (step {step})", fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
+  return _save(fig, ax, f"{name}: ranks (step {step})", "rank of the ground truth", "queries",
+               path)
 
 
 def _confusion(name, step, arrays, path):
@@ -107,26 +108,15 @@ def _confusion(name, step, arrays, path):
   ax.imshow(m, cmap="Blues")
   ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
   ax.set_yticks(range(len(labels)), labels, fontsize=7)
-  ax.set_xlabel("predicted")
-  ax.set_ylabel("true")
-  ax.set_title(f"{name}: confusion (step {step})", fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
+  return _save(fig, ax, f"{name}: confusion (step {step})", "predicted", "true", path)
 
 
 def _weight_curve(name, step, arrays, path):
   fig, ax = plt.subplots(figsize=(5, 3.5))
   ax.plot(arrays["weight_curve_loss"], arrays["weight_curve"])
-  ax.set_xlabel("per-sample loss")
-  ax.set_ylabel("weight")
   ax.grid(alpha=0.3)
-  ax.set_title(f"{name}: learned weight curve (step {step})", fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
+  return _save(fig, ax, f"{name}: learned weight curve (step {step})", "per-sample loss",
+               "weight", path)
 
 
 def write_report(workdir: str, out_dir: str | None = None) -> list[str]:

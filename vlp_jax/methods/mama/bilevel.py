@@ -9,6 +9,11 @@ Every `meta.every` steps, with model params theta and weighting-net params phi:
 then, every step, the real update of theta with the `model` optimizer on sum_i w~_i l_i, the
 weights now from the new phi and stopped. The released MAMA code's virtual step is a silent
 no-op, so its weighting net never learns; here theta' != theta and grad_phi != 0 (tested).
+
+`gradient="first_order"` replaces steps 1-2 by their first-order expansion in alpha:
+L_meta(theta') ~ L_meta(theta) - alpha * sum_i w~_i(phi) g_meta . grad l_i, with g_meta the meta
+loss's gradient at theta, and the alignments g_meta . grad l_i of all samples from one JVP. It
+needs no virtual forward pass and no differentiation through a gradient.
 """
 from __future__ import annotations
 
@@ -44,7 +49,7 @@ def _mean(x: jax.Array, valid: jax.Array) -> jax.Array:
 
 def make_bilevel_update(per_sample: PerSampleLoss, weight_fn: WeightFn, ctx: UpdateContext, *,
                         virtual_lr: float, every: int = 1, how: str = "sum",
-                        remat: bool = False) -> Callable:
+                        remat: bool = False, gradient: str = "exact") -> Callable:
   """The task update `(state, batches, frozen) -> (state, metrics)` of the bilevel scheme.
 
   Args:
@@ -55,14 +60,18 @@ def make_bilevel_update(per_sample: PerSampleLoss, weight_fn: WeightFn, ctx: Upd
     every: meta-update period in steps (phi is kept in between).
     how: weight normalisation, "sum" or "l2".
     remat: recompute the virtual step's forward pass in the meta backward pass (memory).
+    gradient: "exact" (through the virtual step) or "first_order" (see the module docstring).
   Batches: {"train": ..., "meta": ...}, each with `valid` bool [B].
   Metrics: `loss` (weighted training loss), `loss/plain` (unweighted mean), `meta/loss`,
   `meta/weight_mean`, `meta/weight_std`, `meta/weight_min`, `meta/weight_max` (raw weights
-  w_phi over the valid rows), `meta/virtual_delta` (||theta' - theta||), `grad_norm`,
+  w_phi over the valid rows), `meta/virtual_delta` (||theta' - theta||; with "first_order"
+  the meta loss is taken at theta and there is no virtual step: 0), `grad_norm`,
   `grad_norm/weight_net`, `lr`, `lr/weight_net`.
   """
   if every < 1:
     raise ValueError(f"meta.every must be >= 1, got {every}")
+  if gradient not in ("exact", "first_order"):
+    raise ValueError(f"meta.gradient must be 'exact' or 'first_order', got {gradient!r}")
   if ctx.grad_accum != 1:
     raise ValueError("the bilevel update does not accumulate gradients: set "
                      "optim.grad_accum=1 (lower the batch size instead)")
@@ -89,8 +98,23 @@ def make_bilevel_update(per_sample: PerSampleLoss, weight_fn: WeightFn, ctx: Upd
 
     objective = jax.checkpoint(meta_objective) if remat else meta_objective
 
+    def first_order(phi_):
+      meta_loss, g_meta = jax.value_and_grad(
+          lambda t: _mean(per_sample(t, meta, k_meta, True)[0], meta["valid"]))(theta)
+      # align_i = grad l_i(theta) . g_meta for every training sample: one forward-mode pass.
+      losses, align = jax.jvp(lambda t: per_sample(t, train, k_train, True)[0], (theta,),
+                              (g_meta,))
+      losses, align = jax.lax.stop_gradient(losses), jax.lax.stop_gradient(align)
+
+      def expansion(p):  # L_meta(theta') - L_meta(theta), to first order in alpha
+        return -virtual_lr * jnp.sum(normalize(weight_fn(p, losses), train["valid"], how) * align)
+      return meta_loss, jnp.zeros((), jnp.float32), jax.grad(expansion)(phi_)
+
     def meta_step(phi_, opt):
-      (meta_loss, delta), g_phi = jax.value_and_grad(objective, has_aux=True)(phi_)
+      if gradient == "first_order":
+        meta_loss, delta, g_phi = first_order(phi_)
+      else:
+        (meta_loss, delta), g_phi = jax.value_and_grad(objective, has_aux=True)(phi_)
       updates, opt = tx_weight.update(g_phi, opt, phi_)
       return optax.apply_updates(phi_, updates), opt, meta_loss, delta, g_phi
 

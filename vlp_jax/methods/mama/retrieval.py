@@ -121,7 +121,7 @@ class MAMARetrievalTask(task_lib.Task):
     return bilevel.make_bilevel_update(
         self.per_sample, lambda phi, l: self.weight_net.apply({"params": phi}, l), ctx,
         virtual_lr=float(m.virtual_lr), every=int(m.every), how=str(m.normalize),
-        remat=bool(m.remat))
+        remat=bool(m.remat), gradient=str(m.gradient))
 
   def weight_curve(self, phi) -> dict[str, np.ndarray]:
     """The learned w(l) on a grid of losses: `weight_curve_loss`, `weight_curve` float32 [N]."""
