@@ -1,8 +1,8 @@
 """Config helpers shared by every `configs/*.py`.
 
 A config file defines `get_config(arg)` where `arg` is `"<preset>[,key=value...]"`, e.g.
-`--config=configs/alpro_pretrain.py:tiny,optim.lr=3e-4`. Later command-line flags
-(`--config.optim.lr=...`) are applied by `ml_collections.config_flags` on top.
+`--config=configs/alpro_pretrain.py:tiny,optim.model.lr=3e-4`. Later command-line flags
+(`--config.optim.model.lr=...`) are applied by `ml_collections.config_flags` on top.
 """
 from __future__ import annotations
 
