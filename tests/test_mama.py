@@ -96,9 +96,9 @@ def test_meta_every_keeps_phi_between_meta_steps():
   update = jax.jit(bilevel.make_bilevel_update(_per_sample, _weights, ctx, virtual_lr=ALPHA,
                                                every=2))
   state = TrainState(step=jnp.int32(1), params={"model": theta, "weight_net": phi},
-                     opt_state={"model": (), "weight_net": ()}, rng=jax.random.PRNGKey(0))
-  state = state.replace(opt_state={"model": txs["model"].init(theta),
-                                   "weight_net": txs["weight_net"].init(phi)})
+                     opt_state={"model": txs["model"].init(theta),
+                                "weight_net": txs["weight_net"].init(phi)},
+                     rng=jax.random.PRNGKey(0))
   f32 = lambda t: jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), t)
   new, m = update(state, {"train": f32(train), "meta": f32(meta)})  # step 1: no meta step
   assert float(new.params["weight_net"]["a"]) == float(phi["a"])

@@ -107,38 +107,33 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resumes(tmp_path
                        text=True, timeout=600)
   assert ref.returncode == 0, ref.stderr[-3000:]
 
-  def launch():
+  def run_both(signal_after_first_row: bool):
+    """Both processes to their end (one SIGTERMed once training logs); their stdouts."""
     port = _free_port()
-    return [subprocess.Popen(_cmd(mh_dir, *base, f"--coordinator=127.0.0.1:{port}",
-                                  "--num_processes=2", f"--process_id={i}"),
-                             env=_env(2), cwd=ROOT, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True) for i in range(2)]
+    procs = [subprocess.Popen(_cmd(mh_dir, *base, f"--coordinator=127.0.0.1:{port}",
+                                   "--num_processes=2", f"--process_id={i}"),
+                              env=_env(2), cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+      if signal_after_first_row:
+        deadline = time.time() + 300
+        while not os.path.exists(mh_dir / "metrics.jsonl") and time.time() < deadline:
+          time.sleep(0.05)
+        procs[1].send_signal(signal.SIGTERM)
+      outs = [p.communicate(timeout=600) for p in procs]
+    finally:
+      for p in procs:
+        p.kill()
+    for p, (_, err) in zip(procs, outs):
+      assert p.returncode == 0, err[-3000:]
+    return [out for out, _ in outs]
 
-  procs = launch()
-  try:
-    deadline = time.time() + 300
-    while not os.path.exists(mh_dir / "metrics.jsonl") and time.time() < deadline:
-      time.sleep(0.05)
-    procs[1].send_signal(signal.SIGTERM)
-    outs = [p.communicate(timeout=300) for p in procs]
-  finally:
-    for p in procs:
-      p.kill()
-  for p, (_, err) in zip(procs, outs):
-    assert p.returncode == 0, err[-3000:]
-  stopped = {int(out.split("stopped after step ")[1].split()[0]) for out, _ in outs}
+  outs = run_both(signal_after_first_row=True)
+  stopped = {int(out.split("stopped after step ")[1].split()[0]) for out in outs}
   assert len(stopped) == 1, outs  # both hosts stopped, and saved, at the same step
   (step,) = stopped
   assert step < steps and os.listdir(mh_dir / "checkpoints") == [str(step)]
-
-  procs = launch()
-  try:
-    outs = [p.communicate(timeout=600) for p in procs]
-  finally:
-    for p in procs:
-      p.kill()
-  for p, (_, err) in zip(procs, outs):
-    assert p.returncode == 0, err[-3000:]
+  run_both(signal_after_first_row=False)
   one, two = _losses(ref_dir), _losses(mh_dir)
   assert sorted(two) == list(range(1, steps + 1))
   for s in one:
