@@ -3,7 +3,13 @@
   python -m launch.train --config=configs/mama_retrieval.py:demo --workdir=runs/mama \
       [--config.init.checkpoint=runs/pretrain] [--config.mama.margin=0.1]
 
-`backbone` = `alpro` (ALPRO's dual encoder: video and text encoders with their projections).
+`backbone` = `alpro` (ALPRO's dual encoder: video and text encoders with their projections) or
+`clip` (CLIP's image tower on every frame, mean-pooled over time, and its text tower; sizes in
+`clip`, or all of it from a transformers CLIPModel directory with `init.clip=hf:DIR`):
+
+  python -m launch.train --config=configs/mama_retrieval.py:demo --config.backbone=clip \
+      --workdir=runs/mama_clip
+
 The weighting net is trained every `meta.every` steps through one virtual SGD step
 (`meta.virtual_lr`) on batches of `meta.split`, a clean split held out of training (never an
 evaluation split); `meta.enabled=False` trains with the plain angular-margin loss.
@@ -28,7 +34,15 @@ def base() -> ml_collections.ConfigDict:
   c.mama = ml_collections.ConfigDict(dict(
       margin=0.1,             # mu, radians in [0, pi/2]; 0 = InfoNCE
       logit_scale_init=4.60,  # s = exp(logit_scale), clamped to [1, 200]
+      close_negatives=False,  # the released code's rule: negatives within mu also get it
   ))
+  # backbone="clip": CLIP ViT-B/32 sizes (MAMA's retrieval backbone is CLIP-ViP B/32); the
+  # image tower runs at data.image_size, the text tower reads data.max_text_len tokens.
+  c.clip = ml_collections.ConfigDict(dict(
+      text=dict(hidden=512, layers=12, heads=8, mlp_dim=2048, max_position=77),
+      vision=dict(patch_size=32, hidden=768, layers=12, heads=12, mlp_dim=3072),
+      projection_dim=512, hidden_act="quick_gelu"))
+  c.init.clip = ""              # "hf:DIR": a local transformers CLIPModel (backbone="clip")
   c.meta = ml_collections.ConfigDict(dict(
       enabled=True,
       split="val",            # the meta set: clean, balanced, held out of training
@@ -53,15 +67,25 @@ def base() -> ml_collections.ConfigDict:
   return c
 
 
+def _small_clip(c, *, patch_size, hidden, layers, heads):
+  """A from-scratch CLIP as wide and deep as the preset's ALPRO towers."""
+  tower = dict(hidden=hidden, layers=layers, heads=heads, mlp_dim=4 * hidden)
+  c.clip.text.update(max_position=max(int(c.data.max_text_len), 16), **tower)
+  c.clip.vision.update(patch_size=patch_size, **tower)
+  c.clip.projection_dim = int(c.model.embed_dim)
+
+
 def _tiny(c):
   alpro_retrieval.PRESETS["tiny"](c)
   c.evals.test.rerank_k = 0
+  _small_clip(c, patch_size=16, hidden=32, layers=2, heads=2)
 
 
 def _demo(c):
   alpro_retrieval.PRESETS["demo"](c)
   for ev in c.evals.values():
     ev.rerank_k = 0
+  _small_clip(c, patch_size=8, hidden=128, layers=4, heads=4)
 
 
 def _base(c):

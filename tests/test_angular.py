@@ -93,6 +93,30 @@ def test_positive_logit_peaks_at_theta_equal_mu(mu):
   np.testing.assert_allclose(values, np.cos(theta - mu), atol=1e-3)  # eps floor near c = 1
 
 
+def _released_rule(v, t, mu, s):
+  """The released code's logits, in numpy: theta - mu wherever theta <= mu or on the diagonal."""
+  cos = np.clip(t.astype(np.float64) @ v.astype(np.float64).T, -1, 1)
+  theta = np.arccos(cos)
+  shift = np.eye(len(v), dtype=bool) | (theta <= mu)
+  logits = s * np.cos(np.where(shift, theta - mu, theta))
+  lse = lambda x, ax: np.log(np.sum(np.exp(x - x.max(ax, keepdims=True)), ax)) + x.max(ax)
+  d = np.diagonal(logits)
+  return (lse(logits, 1) - d) + (lse(logits, 0) - d)
+
+
+def test_close_negative_option_reproduces_the_released_rule_and_is_off_by_default():
+  v, t = _features(b=6, seed=5)
+  v[1] = v[0]  # text 0's negative video 1 is as close as its positive: theta_01 <= mu
+  mu, s = 0.9, 12.0
+  assert np.arccos(float(t[0] @ v[1])) <= mu
+  got, _ = angular_margin_loss(jnp.asarray(v), jnp.asarray(t), margin=mu, scale=s,
+                               close_negatives=True)
+  np.testing.assert_allclose(np.asarray(got), _released_rule(v, t, mu, s), rtol=2e-5, atol=2e-5)
+  default, _ = angular_margin_loss(jnp.asarray(v), jnp.asarray(t), margin=mu, scale=s)
+  np.testing.assert_allclose(np.asarray(default), _naive(v, t, mu, s), rtol=2e-5, atol=2e-5)
+  assert abs(float(got[0]) - float(default[0])) > 1e-3
+
+
 def test_bad_margin_and_shapes_are_clear_errors():
   v, t = _features()
   with pytest.raises(ValueError, match=r"margin mu must be in \[0, pi/2\]"):

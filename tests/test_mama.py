@@ -266,3 +266,76 @@ def test_first_order_meta_gradient_is_the_expansion_and_near_exact_for_small_ste
   with pytest.raises(ValueError, match="meta.gradient"):
     bilevel.make_bilevel_update(_per_sample, _weights, UpdateContext(
         {"model": None, "weight_net": None}, {}, 1), virtual_lr=0.1, gradient="second")
+
+
+def test_clip_backbone_imports_a_clip_model_matches_transformers_and_meta_trains(tmp_path):
+  """backbone=clip with init.clip=hf:DIR: the params are the checkpoint's, the video feature is
+  the mean of transformers' per-frame image features, the text feature pools at the last real
+  token; the bilevel step runs on it."""
+  import torch
+  import transformers
+
+  from vlp_jax.convert import hf
+  from vlp_jax.methods.mama import backbones
+
+  torch.manual_seed(0)
+  vocab, eos = 64, 63
+  model = transformers.CLIPModel(transformers.CLIPConfig(
+      text_config=dict(vocab_size=vocab, hidden_size=32, num_hidden_layers=1,
+                       num_attention_heads=2, intermediate_size=64, max_position_embeddings=16,
+                       eos_token_id=eos, bos_token_id=1, pad_token_id=0),
+      vision_config=dict(image_size=32, patch_size=16, hidden_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, intermediate_size=64),
+      projection_dim=16)).eval()
+  path = str(tmp_path / "clip")
+  model.save_pretrained(path)
+
+  c = _config(dict(data=1, fsdp=1, tensor=1))
+  c.update_from_flattened_dict({"backbone": "clip", "init.clip": "hf:" + path,
+                                "model.text.vocab_size": vocab})
+  run = Trainer(c, str(tmp_path / "run"), devices=jax.devices()[:1]).build()
+  assert run.apply_init()
+  params = jax.device_get(run.state.params["model"])
+  _, want = hf.import_clip(path, image_size=32)
+  for (k, a), b in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(k))
+
+  rng = np.random.default_rng(0)
+  video = rng.standard_normal((2, 2, 32, 32, 3)).astype(np.float32)
+  ids = rng.integers(2, eos, (2, 16)).astype(np.int32)
+  mask = np.ones_like(ids)
+  ids[0, 9], ids[1, 15] = eos, eos  # the last real token of each row is the EOT
+  ids[0, 10:], mask[0, 10:] = 0, 0
+  v, t = backbones.build(c, vocab).features(params, {"video": video, "text_ids": ids,
+                                                    "text_mask": mask})
+  with torch.no_grad():
+    frames = torch.tensor(video.reshape(4, 32, 32, 3).transpose(0, 3, 1, 2))
+    hv = _hf_out(model.get_image_features(pixel_values=frames)).reshape(2, 2, -1).mean(1)
+    ht = _hf_out(model.get_text_features(input_ids=torch.tensor(ids, dtype=torch.long),
+                                         attention_mask=torch.tensor(mask)))
+  norm = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+  np.testing.assert_allclose(np.asarray(v), norm(hv), atol=2e-5)
+  np.testing.assert_allclose(np.asarray(t), norm(ht), atol=2e-5)
+
+  loaders = {k: iter(x) for k, x in run.loaders().items()}
+  state, m = run.update_fn()(run.state, run.device_batches(
+      {k: next(it) for k, it in loaders.items()}))
+  m = jax.device_get(m)
+  assert np.isfinite(float(m["loss"])) and float(m["meta/virtual_delta"]) > 0
+  assert float(m["grad_norm/weight_net"]) > 0
+
+
+def _hf_out(out):
+  """transformers 5 returns a model output from get_*_features; older versions a tensor."""
+  return getattr(out, "pooler_output", out).detach().numpy()
+
+
+def test_unknown_backbone_and_bad_clip_init_are_clear_errors(tmp_path):
+  from vlp_jax.methods.mama import backbones
+  c = _config(dict(data=1, fsdp=1, tensor=1))
+  c.backbone = "resnet"
+  with pytest.raises(ValueError, match="backbone 'resnet' is not one of"):
+    backbones.build(c, 64)
+  c.update_from_flattened_dict({"backbone": "clip", "init.clip": "hf:" + str(tmp_path)})
+  with pytest.raises(Exception, match="has no config.json"):
+    backbones.build(c, 64)

@@ -291,6 +291,23 @@ def params_from_tensors(module: clip.CLIP, tensors: Mapping[str, np.ndarray],
   return params
 
 
+def config_from_dir(path: str, *, image_size: int | None = None, dtype: str = "float32",
+                    attention: str = "xla", remat: str = "none") -> clip.ClipConfig:
+  """The `ClipConfig` of a `CLIPModel` directory, from its config.json alone (no weights read).
+
+  Raises:
+    ConversionError: no such directory or config.json, not a CLIP config.
+  """
+  path = os.fspath(path)
+  file = os.path.join(path, hf_io.CONFIG_NAME)
+  if not os.path.isfile(file):
+    raise ConversionError(f"CLIP checkpoint directory {path!r} has no {hf_io.CONFIG_NAME}")
+  config = hf_io._read_json(file)
+  hf_io.check_architecture(config, MODEL_TYPES, path)
+  return config_from_hf(config, image_size=image_size, dtype=dtype, attention=attention,
+                        remat=remat, where=file)
+
+
 def import_clip(path: str, *, image_size: int | None = None, dtype: str = "float32",
                 attention: str = "xla", remat: str = "none") -> tuple[clip.CLIP, dict]:
   """Loads a `transformers` `CLIPModel` directory (from `save_pretrained`).

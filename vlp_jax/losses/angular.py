@@ -11,6 +11,9 @@ arccos,
 which keeps the gradient finite at c = +-1 (where d arccos / dc is infinite), and gives
 InfoNCE exactly at mu = 0. Like VTC, it is one global computation on (possibly sharded)
 arrays: the positive of text i is video i.
+
+`close_negatives=True` reproduces the released code, which also applies the margin to every
+negative already within mu of its query (theta_ij <= mu); off by default, as in the paper.
 """
 from __future__ import annotations
 
@@ -45,7 +48,7 @@ def positive_logit(cos: jax.Array, margin: float, eps: float = 1e-6) -> jax.Arra
 
 
 def angular_margin_loss(video: jax.Array, text: jax.Array, *, margin: float,
-                        scale: jax.Array, eps: float = 1e-6
+                        scale: jax.Array, eps: float = 1e-6, close_negatives: bool = False
                         ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Per-pair angular-margin contrastive loss over the global batch, both directions.
 
@@ -55,6 +58,8 @@ def angular_margin_loss(video: jax.Array, text: jax.Array, *, margin: float,
     margin: mu in radians, a Python float in [0, pi/2] (0 = InfoNCE).
     scale: float32 scalar s (e.g. `scale_from_logit(logit_scale)`).
     eps: floor of 1 - c^2 under the square root.
+    close_negatives: also give the margin to negatives with theta_ij <= mu (c_ij >= cos mu),
+      as the released code does.
   Returns:
     per_sample: float32 [B], the text->video plus the video->text cross-entropy of pair i.
     metrics: `angular/t2v_acc`, `angular/v2t_acc` (in-batch top-1, 0-1), `angular/pos_cos`
@@ -69,7 +74,10 @@ def angular_margin_loss(video: jax.Array, text: jax.Array, *, margin: float,
   cos = jnp.matmul(t, v.T, precision=jax.lax.Precision.HIGHEST)  # [B, B], rows = texts
   b = cos.shape[0]
   diag = jnp.eye(b, dtype=bool)
-  logits = s * jnp.where(diag, positive_logit(cos, float(margin), eps), cos)
+  shifted = diag
+  if close_negatives:
+    shifted = diag | (cos >= math.cos(float(margin)))
+  logits = s * jnp.where(shifted, positive_logit(cos, float(margin), eps), cos)
   ce_t2v = -jnp.diagonal(jax.nn.log_softmax(logits, axis=1))
   ce_v2t = -jnp.diagonal(jax.nn.log_softmax(logits, axis=0))
   target = jnp.arange(b)

@@ -1,9 +1,10 @@
 """MAMA retrieval (task `mama_retrieval`): a dual encoder trained with the angular-margin
 contrastive loss, its per-sample losses weighted by a meta-learned weighting net.
 
-Backbone `alpro` (configs/mama_retrieval.py): ALPRO's video and text encoders with their VTC
-projections (an ALPRO pre-training run loads with `init.checkpoint`; the fusion layers and
-heads it does not use are frozen by `optim.model.frozen`), plus MAMA's `logit_scale`.
+Backbones (`backbone` in configs/mama_retrieval.py; vlp_jax/methods/mama/backbones.py): `alpro`,
+ALPRO's video and text encoders with their VTC projections (an ALPRO pre-training run loads with
+`init.checkpoint`; the unused fusion layers and heads are frozen by `optim.model.frozen`), or
+`clip`, CLIP's towers over frames (`init.clip` = "hf:DIR"); both with a learnable `logit_scale`.
 Collections: `model` and, with `meta.enabled`, `weight_net` (vlp_jax/methods/mama/bilevel.py).
 Streams: `train`, and `meta` (a clean, balanced split held out of training, `meta.split`).
 """
@@ -13,36 +14,29 @@ import functools
 import os
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from vlp_jax import losses
-from vlp_jax.convert import hf
 from vlp_jax.core import task as task_lib
 from vlp_jax.eval import dual_encoder
-from vlp_jax.methods.mama import bilevel
+from vlp_jax.methods.mama import backbones, bilevel
 from vlp_jax.methods.mama.weight_net import WeightNet
-from vlp_jax.models.alpro import ALPRO, alpro_config
 
 KEYS = ("video", "text_ids", "text_mask", "valid")
-LOGIT_SCALE = "logit_scale"  # MAMA's parameter next to the backbone's in `model`
 
 
 @task_lib.register("mama_retrieval")
 class MAMARetrievalTask(task_lib.Task):
   """Angular-margin contrastive retrieval with meta-learned sample weights."""
 
-  pretrained_keys = ("text", "video")
-
   def __init__(self, config, text):
     super().__init__(config, text)
-    if config.backbone != "alpro":
-      raise ValueError(f"mama_retrieval: backbone {config.backbone!r} is not available; "
-                       "choose 'alpro'")
     self.margin = float(config.mama.margin)
-    self.model = ALPRO(alpro_config(config.model, text.vocab_size))
+    self.close_negatives = bool(config.mama.get("close_negatives", False))
+    self.backbone = backbones.build(config, text.vocab_size)
+    self.pretrained_keys = self.backbone.pretrained_keys
     self.weight_net = WeightNet(int(config.meta.hidden))
     self.meta = bool(config.meta.enabled)
 
@@ -66,43 +60,25 @@ class MAMARetrievalTask(task_lib.Task):
     return path if path and os.path.isfile(path) else ""
 
   def init_collections(self, rng: jax.Array) -> dict[str, Any]:
-    d = self.config.data
-    video = jnp.zeros((2, d.num_frames, d.image_size, d.image_size, 3), jnp.float32)
-    ids = jnp.zeros((2, d.max_text_len), jnp.int32)
-    model = self.model.init({"params": rng, "dropout": rng}, video, ids, jnp.ones_like(ids))
-    model = dict(model["params"])
-    model[LOGIT_SCALE] = nn.LogicallyPartitioned(
-        jnp.float32(self.config.mama.logit_scale_init), ())
-    out = {"model": model}
+    out = {"model": self.backbone.init(rng)}
     if self.meta:
       out["weight_net"] = self.weight_net.init(jax.random.fold_in(rng, 1),
                                                jnp.zeros((2,), jnp.float32))["params"]
     return out
 
   def import_pretrained(self, key: str, path: str, params: dict[str, Any]) -> dict[str, Any]:
-    fn = {"text": hf.init_alpro_text, "video": hf.init_alpro_video}[key]
-    model = dict(params["model"])
-    scale = model.pop(LOGIT_SCALE)
-    return dict(params, model=dict(fn(model, path, self.model.config), **{LOGIT_SCALE: scale}))
+    return dict(params, model=self.backbone.import_pretrained(key, path, params["model"]))
 
   def _features(self, params, batch, rng=None):
     """L2-normalised (video [B,E], text [B,E]) float32; dropout on when `rng` is given."""
-    backbone = {k: v for k, v in params.items() if k != LOGIT_SCALE}
-    keys = jax.random.split(rng) if rng is not None else (None, None)
-    app = lambda method, *a, key=None, **kw: self.model.apply(
-        {"params": backbone}, *a, method=method, rngs={"dropout": key} if key is not None
-        else {}, **kw)
-    det = rng is None
-    video = app(ALPRO.encode_video, batch["video"], deterministic=det, key=keys[0])
-    text = app(ALPRO.encode_text, batch["text_ids"], batch["text_mask"], deterministic=det,
-               key=keys[1])
-    return app(ALPRO.video_feature, video), app(ALPRO.text_feature, text)
+    return self.backbone.features(params, batch, rng)
 
   def per_sample(self, params, batch, rng, train):
     """(angular-margin loss float32 [B], metrics) of the `model` params on one batch."""
     video, text = self._features(params, batch, rng if train else None)
-    scale = losses.scale_from_logit(params[LOGIT_SCALE])
-    per, metrics = losses.angular_margin_loss(video, text, margin=self.margin, scale=scale)
+    scale = losses.scale_from_logit(params[backbones.LOGIT_SCALE])
+    per, metrics = losses.angular_margin_loss(video, text, margin=self.margin, scale=scale,
+                                              close_negatives=self.close_negatives)
     return per, metrics
 
   def loss(self, params, batches, rng, *, train, frozen=None):
