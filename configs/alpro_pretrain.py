@@ -55,6 +55,7 @@ def base() -> ml_collections.ConfigDict:
   c.data.shuffle_buffer = 1024
   c.data.num_parallel_calls = -1        # -1 = tf.data.AUTOTUNE
   c.data.prefetch = 2
+  c.data.extra_captions = ""            # launch.augment_captions side files, comma-separated
   # Mixed video + image-text training (ALPRO: WebVid + CC3M, 50/50): each step is, with
   # probability `image_ratio`, a batch of still images (one-frame clips, repeated to
   # num_frames) from split `image_split` of `image_dir` ("" = the data dir). 0 = video only.

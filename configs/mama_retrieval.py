@@ -26,23 +26,14 @@ from vlp_jax import config as config_lib
 UNUSED = r"(fusion_encoder|vtm_head|mlm_head|qa_head|pem_head|temp)(/.*)?"
 
 
-def base() -> ml_collections.ConfigDict:
-  c = alpro_retrieval.base()
-  c.task = "mama_retrieval"
+def add_mama(c: ml_collections.ConfigDict, *, margin: float) -> None:
+  """MAMA's sections (`mama`, `meta`, `optim.weight_net`) on a backbone's config."""
   c.backbone = "alpro"
-  c.loss = ml_collections.ConfigDict(dict(vtc=0.0, vtm=0.0, mlm=0.0, pem=0.0))
   c.mama = ml_collections.ConfigDict(dict(
-      margin=0.1,             # mu, radians in [0, pi/2]; 0 = InfoNCE
+      margin=margin,          # mu, radians in [0, pi/2]; 0 = InfoNCE
       logit_scale_init=4.60,  # s = exp(logit_scale), clamped to [1, 200]
       close_negatives=False,  # the released code's rule: negatives within mu also get it
   ))
-  # backbone="clip": CLIP ViT-B/32 sizes (MAMA's retrieval backbone is CLIP-ViP B/32); the
-  # image tower runs at data.image_size, the text tower reads data.max_text_len tokens.
-  c.clip = ml_collections.ConfigDict(dict(
-      text=dict(hidden=512, layers=12, heads=8, mlp_dim=2048, max_position=77),
-      vision=dict(patch_size=32, hidden=768, layers=12, heads=12, mlp_dim=3072),
-      projection_dim=512, hidden_act="quick_gelu"))
-  c.init.clip = ""              # "hf:DIR": a local transformers CLIPModel (backbone="clip")
   c.meta = ml_collections.ConfigDict(dict(
       enabled=True,
       split="val",            # the meta set: clean, balanced, held out of training
@@ -57,11 +48,25 @@ def base() -> ml_collections.ConfigDict:
       remat=False,            # recompute the virtual step in the meta backward pass
       curve_max_loss=16.0,    # the report's weight curve w(l) spans l in [0, this]
   ))
-  c.optim.model.frozen = UNUSED
   # Meta-Weight-Net's weighting-net optimizer: Adam, lr 1e-3, weight decay 1e-4 (decoupled).
   c.optim.weight_net = ml_collections.ConfigDict(dict(
       lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4, warmup_frac=0.0, end_lr_frac=1.0,
       clip_norm=0.0, frozen="", lr_mult=()))
+
+
+def base() -> ml_collections.ConfigDict:
+  c = alpro_retrieval.base()
+  c.task = "mama_retrieval"
+  c.loss = ml_collections.ConfigDict(dict(vtc=0.0, vtm=0.0, mlm=0.0, pem=0.0))
+  add_mama(c, margin=0.1)
+  # backbone="clip": CLIP ViT-B/32 sizes (MAMA's retrieval backbone is CLIP-ViP B/32); the
+  # image tower runs at data.image_size, the text tower reads data.max_text_len tokens.
+  c.clip = ml_collections.ConfigDict(dict(
+      text=dict(hidden=512, layers=12, heads=8, mlp_dim=2048, max_position=77),
+      vision=dict(patch_size=32, hidden=768, layers=12, heads=12, mlp_dim=3072),
+      projection_dim=512, hidden_act="quick_gelu"))
+  c.init.clip = ""              # "hf:DIR": a local transformers CLIPModel (backbone="clip")
+  c.optim.model.frozen = UNUSED
   for ev in c.evals.values():
     ev.rerank_k = 0
   return c

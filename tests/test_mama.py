@@ -339,3 +339,39 @@ def test_unknown_backbone_and_bad_clip_init_are_clear_errors(tmp_path):
   c.update_from_flattened_dict({"backbone": "clip", "init.clip": "hf:" + str(tmp_path)})
   with pytest.raises(Exception, match="has no config.json"):
     backbones.build(c, 64)
+
+
+def test_mama_qa_loss_is_ce_plus_angular_over_answerable_questions_and_trains(tmp_path):
+  """mama_qa: the plain loss is the mean over in-vocabulary questions of the answer
+  cross-entropy + contrastive_weight x the angular loss (numpy), and the tiny config trains
+  with its meta stream and evaluates."""
+  from configs import mama_qa
+  from vlp_jax.core import trainer
+  c = mama_qa.get_config("tiny")
+  c.update_from_flattened_dict({"num_steps": 2, "log_every": 1, "mama.contrastive_weight": 0.5})
+  results = trainer.train(c, str(tmp_path))
+  assert results["train"]["meta/virtual_delta"] > 0
+  assert results["train"]["grad_norm/weight_net"] > 0
+  assert results["test"]["eval/num_queries"] == 64 and 0 <= results["test"]["qa/accuracy"] <= 100
+
+  run = Trainer(c, str(tmp_path)).build()
+  run.restore()
+  task, params = run.task, jax.device_get(run.state.params["model"])
+  rng = np.random.default_rng(0)
+  b, length = 6, c.data.max_text_len
+  batch = {"video": rng.standard_normal((b, 2, 32, 32, 3)).astype(np.float32),
+           "text_ids": rng.integers(5, 60, (b, length)).astype(np.int32),
+           "text_mask": np.ones((b, length), np.int32),
+           "answer_idx": np.array([0, 3, -1, 7, -1, 2], np.int32), "valid": np.ones(b, bool)}
+  loss, _ = task.loss({"model": params}, {"train": batch}, None, train=False)
+  logits, v, t = (np.asarray(x, np.float64) for x in task._forward(params, batch, None))
+  lse = lambda x, ax: np.log(np.sum(np.exp(x - x.max(ax, keepdims=True)), ax)) + x.max(ax)
+  known = batch["answer_idx"] >= 0
+  ce = lse(logits, 1) - logits[np.arange(b), np.maximum(batch["answer_idx"], 0)]
+  s = float(np.exp(min(float(params["logit_scale"]), np.log(200.0))))
+  cos = t @ v.T
+  theta = np.arccos(np.clip(cos, -1, 1))
+  z = s * np.where(np.eye(b, dtype=bool), np.cos(theta - 0.05), cos)
+  ang = (lse(z, 1) - np.diagonal(z)) + (lse(z, 0) - np.diagonal(z))
+  want = np.mean((ce + 0.5 * ang)[known])
+  assert float(loss) == pytest.approx(want, rel=1e-4)

@@ -119,6 +119,9 @@ class Loader:
     data_dir: overrides `data_cfg.dir` (e.g. the resolved `WORKDIR/data`).
     answer_vocab: the QA answer vocabulary (answers.load_or_build); None = captions.
     exclude_ids: clip ids a training stream never yields (e.g. MAMA's held-out meta set).
+    extra_captions: video id -> further captions (MAMA's generated ones, `setup.read_captions`);
+      training draws each clip's caption uniformly from its record's captions and these.
+      Evaluation and QA ignore them.
 
   Attributes:
     files: this process's shard files.
@@ -131,7 +134,8 @@ class Loader:
   def __init__(self, data_cfg, split: str, *, batch_size: int, training: bool, seed: int,
                tokenizer, num_frames: int, image_size: int, process_index: int = 0,
                process_count: int = 1, data_dir: str | None = None,
-               answer_vocab: list[str] | None = None, exclude_ids: list[str] | None = None):
+               answer_vocab: list[str] | None = None, exclude_ids: list[str] | None = None,
+               extra_captions: dict[str, list[str]] | None = None):
     self.cfg = data_cfg
     self.exclude_ids = sorted(set(exclude_ids or ()))
     self.split = split
@@ -156,6 +160,8 @@ class Loader:
     self.vocab_size = len(tokenizer)
     self.mask_id = tokenizer.mask_token_id
     self._seeds = _seeds(self.seed, self.process_index)
+    self._extra_captions = (self._caption_table(extra_captions)
+                            if extra_captions and self.training and not self.qa else None)
     self._iterator = iter(self._dataset(self._source(data_dir)))
     self._ckpt = tf.train.Checkpoint(iterator=self._iterator)
     self.skipped = 0
@@ -277,6 +283,16 @@ class Loader:
     return keep
 
   @staticmethod
+  def _caption_table(extra: dict[str, list[str]]) -> tf.lookup.StaticHashTable:
+    """video id -> its extra captions joined with the unit separator ("" when none)."""
+    ids = sorted(extra)
+    joined = ["\x1f".join(c.replace("\x1f", " ") for c in extra[i]) for i in ids]
+    return tf.lookup.StaticHashTable(
+        tf.lookup.KeyValueTensorInitializer(tf.constant(ids, tf.string),
+                                            tf.constant(joined, tf.string)),
+        default_value="")
+
+  @staticmethod
   def _sentinel() -> bytes:
     jpeg = tf.io.encode_jpeg(tf.zeros([8, 8, 3], tf.uint8)).numpy()
     return records.clip_example("", [jpeg], [""], 0.0).SerializeToString()
@@ -297,6 +313,9 @@ class Loader:
     jpegs = tf.gather(tf.concat([frames, [b""]], 0), unique_idx)
     ok = (n > 0) & tf.reduce_all(_looks_like_image(jpegs))
     captions = ex[records.CAPTIONS]
+    if self._extra_captions is not None:
+      extra = tf.strings.split(self._extra_captions.lookup(ex[records.VIDEO_ID]), "\x1f")
+      captions = tf.concat([captions, tf.boolean_mask(extra, extra != "")], 0)
     num_captions = tf.size(captions)
     if self.training:
       pick = tf.random.stateless_uniform([], seed=keys[1], minval=0,

@@ -5,7 +5,9 @@ TensorFlow is imported only for `data.source` "tfrecord" or "tfds", so the devic
 """
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -87,12 +89,18 @@ def stream_loader(config, data_dir: str | None, text: TextInfo, stream, batch_pe
       `data.image_ratio` > 0, each step is instead, with that probability, a batch of the
       still images of split `data.image_split` in `data.image_dir` ("" = the data
       directory): a `mixture.MixtureLoader`, whose batches also carry `is_image` bool [B].
+      A stream of `data.train_split` also draws captions from the side files
+      `data.extra_captions` (see `read_captions`).
   """
   d = config.data
   seed = int(config.seed) + int(stream.seed_offset)
   split = stream.split or d.train_split
   exclude = _exclude_ids(stream.exclude_ids)
-  video = _train_loader(config, data_dir, split, text, batch_per_process, seed, exclude)
+  # Generated captions extend the training split only: other streams (a meta set) stay as
+  # annotated.
+  spec = d.get("extra_captions", "")
+  extra = read_captions(spec) if spec and split == d.train_split else None
+  video = _train_loader(config, data_dir, split, text, batch_per_process, seed, exclude, extra)
   ratio = float(d.get("image_ratio", 0.0))
   if not stream.image_mix or ratio <= 0.0:
     return video
@@ -109,7 +117,52 @@ def _exclude_ids(path: str) -> list[str] | None:
   return meta_set.read_ids(path)
 
 
-def _train_loader(config, data_dir, split, text, batch_per_process, seed, exclude=None):
+def read_captions(paths: str | Sequence[str]) -> dict[str, list[str]]:
+  """Extra training captions from caption side files (JSONL, one object with `video_id` and
+  `caption` per line, as `python -m launch.augment_captions` writes them).
+
+  Args:
+    paths: one path, comma-separated paths, or a list of paths.
+
+  Returns:
+    video id -> its captions, in file order; empty and repeated captions are left out.
+
+  Raises:
+    FileNotFoundError: a file does not exist (the message names it).
+    ValueError: a line is not a JSON object with string `video_id` and `caption` (names the
+      file and line). A last line without its newline (a writer still running or
+      interrupted) is ignored.
+  """
+  if isinstance(paths, str):
+    paths = paths.split(",")
+  out: dict[str, list[str]] = {}
+  for path in (p.strip() for p in paths):
+    if not path:
+      continue
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"caption side file {path!r} does not exist")
+    with open(path, encoding="utf-8") as f:
+      lines = f.read().split("\n")
+    # After the last newline: "" for a complete file, else a half-written line.
+    for number, line in enumerate(lines[:-1], 1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+        video_id, caption = row["video_id"], row["caption"]
+      except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"{path}:{number}: not a caption line ({type(e).__name__}: {e})") from e
+      if not isinstance(video_id, str) or not isinstance(caption, str):
+        raise ValueError(f"{path}:{number}: video_id and caption must be strings")
+      caption = caption.strip()
+      captions = out.setdefault(video_id, [])
+      if caption and caption not in captions:
+        captions.append(caption)
+  return {k: v for k, v in out.items() if v}
+
+
+def _train_loader(config, data_dir, split, text, batch_per_process, seed, exclude=None,
+                  extra_captions=None):
   d = config.data
   if d.source == "random":
     return RandomLoader(batch_size_global=config.batch_size, num_frames=d.num_frames,
@@ -124,7 +177,8 @@ def _train_loader(config, data_dir, split, text, batch_per_process, seed, exclud
   return loader(d, split, batch_size=batch_per_process, training=True, seed=seed,
                 tokenizer=text.tokenizer, num_frames=d.num_frames, image_size=d.image_size,
                 process_index=jax.process_index(), process_count=jax.process_count(),
-                data_dir=data_dir, answer_vocab=text.answers, exclude_ids=exclude)
+                data_dir=data_dir, answer_vocab=text.answers, exclude_ids=exclude,
+                extra_captions=extra_captions)
 
 
 def eval_loader(config, data_dir: str, split: str, text: TextInfo, batch_per_process: int):

@@ -1,9 +1,17 @@
-"""Video QA accuracy: argmax over the answer vocabulary; out-of-vocabulary answers count wrong."""
+"""Video QA accuracy: argmax over the answer vocabulary; out-of-vocabulary answers count wrong.
+`evaluate` is the QA evaluator the methods' tasks share."""
 from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from vlp_jax.eval import features
+
+CONFUSION_ANSWERS = 30  # answers shown in the report's confusion matrix
 
 
 @jax.jit
@@ -47,3 +55,37 @@ def qa_accuracy(logits, answer_idx, valid=None) -> float:
   if int(total) == 0:
     raise ValueError("qa_accuracy: no valid questions")
   return 100.0 * int(right) / int(total)
+
+
+def evaluate(logits_fn: Callable[[Any, dict], jax.Array], params, batches, mesh, rules, *,
+             answers: Sequence[str] | None, num_answers: int
+             ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+  """Accuracy over every question of one pass of an eval loader.
+
+  Args:
+    logits_fn: (params, device batch) -> float [B, K] answer logits.
+    answers: the answer vocabulary (K strings, most frequent first), for the report labels.
+    num_answers: K.
+  Returns:
+    (metrics, arrays). metrics: `qa/accuracy` (percent; out-of-vocabulary answers count
+    wrong) and `qa/oov` (percent of questions whose answer is outside the vocabulary:
+    100 - qa/oov bounds the accuracy). arrays (for `launch.report`): `confusion` int64
+    [k, k], true answer (rows) by predicted answer (columns) over the k <= 30 most frequent
+    training answers, and `labels` [k], their text.
+  """
+  fn = lambda p, b: {"logits": logits_fn(p, b), "answer_idx": b["answer_idx"]}
+  rows, keep = features.collect_rows(fn, params, batches, mesh, rules)
+  valid = np.zeros((rows["answer_idx"].shape[0],), bool)
+  valid[keep] = True
+  oov = jnp.sum((rows["answer_idx"] < 0) & jnp.asarray(valid))
+  metrics = {"qa/accuracy": qa_accuracy(rows["logits"], rows["answer_idx"], valid),
+             "qa/oov": 100.0 * float(oov) / keep.size}
+  # The answer vocabulary is ordered by training frequency: its first k are the most common.
+  k = min(int(num_answers), CONFUSION_ANSWERS)
+  pred = np.asarray(jax.device_get(jnp.argmax(rows["logits"], axis=-1)))[keep]
+  true = np.asarray(jax.device_get(rows["answer_idx"]))[keep]
+  shown = (true >= 0) & (true < k) & (pred < k)
+  confusion = np.zeros((k, k), np.int64)
+  np.add.at(confusion, (true[shown], pred[shown]), 1)
+  labels = np.asarray((list(answers) if answers else [str(i) for i in range(k)])[:k])
+  return metrics, {"confusion": confusion, "labels": labels}

@@ -14,13 +14,11 @@ import numpy as np
 
 from vlp_jax import losses
 from vlp_jax.core import task as task_lib
-from vlp_jax.eval import features
 from vlp_jax.eval import qa as qa_lib
 from vlp_jax.methods.alpro.pretrain import ALPROTask
 from vlp_jax.models.alpro import ALPRO, alpro_config
 
 QA_KEYS = ("video", "text_ids", "text_mask", "answer_idx", "valid")
-_CONFUSION_ANSWERS = 30  # answers shown in the report's confusion matrix
 
 
 @task_lib.register("alpro_qa")
@@ -82,40 +80,16 @@ class ALPROQATask(ALPROTask):
     metrics["qa/train_oov"] = 1.0 - jnp.mean(weight)
     return loss, metrics
 
-  @functools.cached_property
-  def _eval_logits(self):
-    """(params, batch) -> {"logits": float32 [B, K], "answer_idx": int32 [B]}."""
-    def fn(params, batch):
-      return {"logits": self._logits(params, batch, None), "answer_idx": batch["answer_idx"]}
-    return fn
-
   def _evaluate_qa(self, params, batches, mesh, rules, eval_cfg
                    ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-    """Accuracy over every question of one pass of an eval loader.
-
-    Returns:
-      (metrics, arrays). metrics: `qa/accuracy` (percent; out-of-vocabulary answers count
-      wrong) and `qa/oov` (percent of questions whose answer is outside the vocabulary:
-      100 - qa/oov bounds the accuracy). arrays (for `launch.report`): `confusion` int64
-      [k, k], true answer (rows) by predicted answer (columns) over the k <= 30 most frequent
-      training answers, and `labels` [k], their text.
-    """
+    """`eval.qa.evaluate` of the answer logits (accuracy, OOV share, confusion matrix)."""
     del eval_cfg
-    rows, keep = features.collect_rows(self._eval_logits, params["model"], batches, mesh, rules)
-    valid = np.zeros((rows["answer_idx"].shape[0],), bool)
-    valid[keep] = True
-    oov = jnp.sum((rows["answer_idx"] < 0) & jnp.asarray(valid))
-    metrics = {"qa/accuracy": qa_lib.qa_accuracy(rows["logits"], rows["answer_idx"], valid),
-               "qa/oov": 100.0 * float(oov) / keep.size}
-    # The answer vocabulary is ordered by training frequency: its first k are the most common.
-    k = min(self.model.config.num_answers, _CONFUSION_ANSWERS)
-    pred = np.asarray(jax.device_get(jnp.argmax(rows["logits"], axis=-1)))[keep]
-    true = np.asarray(jax.device_get(rows["answer_idx"]))[keep]
-    shown = (true >= 0) & (true < k) & (pred < k)
-    confusion = np.zeros((k, k), np.int64)
-    np.add.at(confusion, (true[shown], pred[shown]), 1)
-    labels = np.asarray((self.text.answers or [str(i) for i in range(k)])[:k])
-    return metrics, {"confusion": confusion, "labels": labels}
+    return qa_lib.evaluate(self._eval_logits, params["model"], batches, mesh, rules,
+                           answers=self.text.answers, num_answers=self.model.config.num_answers)
+
+  @functools.cached_property
+  def _eval_logits(self):
+    return lambda params, batch: self._logits(params, batch, None)
 
   def evaluators(self) -> dict[str, task_lib.Evaluator]:
     """`qa`: answer accuracy over the answer vocabulary."""
