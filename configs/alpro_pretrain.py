@@ -73,6 +73,8 @@ def base() -> ml_collections.ConfigDict:
   c.data.synthetic.num_frames = 8       # stored frames per clip; the pipeline samples num_frames
   c.data.synthetic.image_size = 64
   c.data.synthetic.num_shards = 4
+  c.data.synthetic.topic_zipf = 0.0     # > 0: long-tailed (shape, colour) topics in train
+  c.data.synthetic.caption_noise = 0.0  # fraction of train clips given another clip's captions
 
   # Model (ALPRO: TimeSformer-B/16 + bert-base with fusion from layer 6).
   c.model = ml_collections.ConfigDict()

@@ -15,11 +15,12 @@ The weighting net is trained every `meta.every` steps through one virtual SGD st
 evaluation split); `meta.enabled=False` trains with the plain angular-margin loss.
 
 Presets: `tiny` (unit tests), `demo` (the synthetic corpus, the demo model), `base` (the
-pre-training model sizes; set `data.dir` and `meta.split` for real data).
+pre-training model sizes; set `data.dir` and `meta.split` for real data), `lab` (the synthetic
+lab of `python -m launch.mama_lab`: long-tailed topics, a small model).
 """
 import ml_collections
 
-from configs import alpro_retrieval
+from configs import alpro_pretrain, alpro_retrieval
 from vlp_jax import config as config_lib
 
 # Parameters of the ALPRO model the dual encoder does not use: no updates, no optimizer state.
@@ -99,7 +100,29 @@ def _base(c):
     ev.rerank_k = 0
 
 
-PRESETS = {"tiny": _tiny, "demo": _demo, "base": _base}
+def _lab(c):
+  """`launch.mama_lab`'s runs: a long-tailed corpus and a small model, minutes per run."""
+  alpro_retrieval.PRESETS["tiny"](c)
+  c.data.synthetic.update(num_train=2048, num_val=256, num_test=256, num_test_unseen=16,
+                          num_images=0, num_frames=4, image_size=32, num_shards=2,
+                          topic_zipf=1.0, caption_noise=0.0)
+  c.data.update(num_frames=4, image_size=32, shuffle_buffer=1024, max_text_len=16)
+  c.model.video.update(image_size=32, patch_size=8, num_frames=4, hidden=64, layers=2, heads=2,
+                       mlp_dim=128)
+  c.model.text.update(hidden=64, layers=3, fusion_layer=2, heads=2, mlp_dim=128)
+  c.model.embed_dim = 64
+  c.optim.model.update(lr=1e-3, warmup_frac=0.05, clip_norm=5.0)
+  c.batch_size = 32
+  c.eval_batch_size = 64
+  c.num_steps = 500
+  c.log_every = 50
+  c.ckpt_every = 500
+  c.evals = ml_collections.ConfigDict({"test": alpro_pretrain.retrieval_eval(
+      "test")})
+  _small_clip(c, patch_size=8, hidden=64, layers=2, heads=2)
+
+
+PRESETS = {"tiny": _tiny, "demo": _demo, "base": _base, "lab": _lab}
 
 
 def get_config(arg=None):

@@ -339,17 +339,41 @@ def question_answers(rng: np.random.Generator, objects: list[dict],
   return [cands[i][0] for i in picks], [cands[i][1] for i in picks]
 
 
-def _objects(rng: np.random.Generator, split: str, heldout: list[tuple[str, str]]) -> list[dict]:
+def topics(heldout: list[tuple[str, str]]) -> list[tuple[str, str]]:
+  """The (shape, colour) topics of train / val / test clips (every pair not held out)."""
+  held = set(heldout)
+  return [(s, c) for s in SHAPES for c in COLOURS if (s, c) not in held]
+
+
+def topic_weights(seed: int, heldout: list[tuple[str, str]], zipf: float) -> np.ndarray:
+  """float64 [len(topics)] probabilities of each topic for the training split's first object.
+
+  zipf = 0: uniform. Else topic ranked r (a seeded random order) has weight 1 / r^zipf: a long
+  tail of rare topics, as in web video-text data.
+  """
+  n = len(topics(heldout))
+  if zipf <= 0:
+    return np.full(n, 1.0 / n)
+  rank = np.empty(n)
+  rank[np.random.default_rng([seed, 0x7A1]).permutation(n)] = np.arange(1, n + 1)
+  w = rank ** -float(zipf)
+  return w / w.sum()
+
+
+def _objects(rng: np.random.Generator, split: str, heldout: list[tuple[str, str]],
+             weights: np.ndarray | None = None) -> list[dict]:
   if split == "test_unseen":
     pairs = heldout
     count = 1
   else:
-    held = set(heldout)
-    pairs = [(s, c) for s in SHAPES for c in COLOURS if (s, c) not in held]
+    pairs = topics(heldout)
     count = 2 if rng.random() < TWO_OBJECT_PROB else 1
   objects = []
   while len(objects) < count:
-    shape, colour = pairs[rng.integers(len(pairs))]
+    if weights is not None and not objects:  # the clip's topic: its first object
+      shape, colour = pairs[rng.choice(len(pairs), p=weights)]
+    else:
+      shape, colour = pairs[rng.integers(len(pairs))]
     if any(o["shape"] == shape for o in objects):  # two different shapes: captions unambiguous
       continue
     objects.append(dict(shape=shape, colour=colour, size=SIZES[rng.integers(len(SIZES))],
@@ -365,7 +389,8 @@ def _min_distance(tracks, objects, num_frames) -> float:
 
 
 def render_clip(seed: int, split: str, index: int, num_frames: int, image_size: int,
-                heldout: list[tuple[str, str]]) -> dict[str, Any]:
+                heldout: list[tuple[str, str]], weights: np.ndarray | None = None
+                ) -> dict[str, Any]:
   """Renders one clip.
 
   Returns:
@@ -373,9 +398,10 @@ def render_clip(seed: int, split: str, index: int, num_frames: int, image_size: 
     image_size x image_size RGB), `captions` (list of str), `objects` (list of dicts with
     shape, colour, size, motion), `label_index` / `label_text` (motion of the first object),
     `questions` / `answers` (aligned lists of str, `question_answers`).
+    `weights`: topic probabilities of the first object (`topic_weights`); None = uniform.
   """
   rng = np.random.default_rng([seed, _SPLIT_CODE[split], index])
-  objects = _objects(rng, split, heldout)
+  objects = _objects(rng, split, heldout, weights)
   tracks = [_track(rng, o, image_size) for o in objects]
   if len(objects) == 2:  # a few tries to keep the two shapes apart for the whole clip
     best = (_min_distance(tracks, objects, num_frames), tracks)
@@ -435,14 +461,22 @@ def clip_record(clip: dict, num_frames: int):
       extra={"synthetic/attributes": [json.dumps(clip["objects"], sort_keys=True).encode()]})
 
 
-def _params(seed, counts, num_frames, image_size, num_shards) -> dict:
-  return dict(version=3, seed=int(seed), counts={k: int(v) for k, v in counts.items()},
-              num_frames=int(num_frames), image_size=int(image_size), num_shards=int(num_shards))
+def _params(seed, counts, num_frames, image_size, num_shards, topic_zipf=0.0,
+            caption_noise=0.0) -> dict:
+  out = dict(version=3, seed=int(seed), counts={k: int(v) for k, v in counts.items()},
+             num_frames=int(num_frames), image_size=int(image_size), num_shards=int(num_shards))
+  if topic_zipf or caption_noise:  # absent when off: corpora written before keep their marker
+    out.update(topic_zipf=float(topic_zipf), caption_noise=float(caption_noise))
+  return out
+
+
+NOISY_IDS_FILE = "train.noisy_ids.txt"  # training clips whose captions are another clip's
+_DONORS = 64  # a noisy clip takes the captions of one of the last this many training clips
 
 
 def generate(out_dir: str, *, seed: int, num_train: int, num_val: int, num_test: int,
              num_test_unseen: int, num_frames: int, image_size: int, num_shards: int,
-             num_images: int = 0) -> dict:
+             num_images: int = 0, topic_zipf: float = 0.0, caption_noise: float = 0.0) -> dict:
   """Writes the corpus: all splits as TFRecord shards, `vocab.txt`, `entities.txt`,
   `synthetic.json`, `DONE`.
 
@@ -457,6 +491,11 @@ def generate(out_dir: str, *, seed: int, num_train: int, num_val: int, num_test:
     image_size: frame side in pixels.
     num_shards: files per split.
     num_images: still images in split `images` (one frame each, no motion); 0 = no split.
+    topic_zipf: long tail of the training split: its clips' (shape, colour) topic follows a
+      Zipf law with this exponent (`topic_weights`); val / test stay uniform. 0 = uniform.
+    caption_noise: fraction of training clips whose captions are replaced by those of another
+      recent training clip of a different topic (mismatched pairs, as in web data); their
+      ids go to `train.noisy_ids.txt`. Frames, attributes and questions stay the clip's own.
 
   Returns:
     Summary dict: `dir`, `counts` per split, `heldout_pairs`, `vocab_size`, `seconds`.
@@ -466,7 +505,11 @@ def generate(out_dir: str, *, seed: int, num_train: int, num_val: int, num_test:
   counts = dict(train=num_train, val=num_val, test=num_test, test_unseen=num_test_unseen)
   if num_images:
     counts[IMAGE_SPLIT] = num_images
-  params = _params(seed, counts, num_frames, image_size, num_shards)
+  if not 0.0 <= caption_noise < 1.0:
+    raise ValueError(f"caption_noise must be in [0, 1), got {caption_noise}")
+  if topic_zipf < 0:
+    raise ValueError(f"topic_zipf must be >= 0, got {topic_zipf}")
+  params = _params(seed, counts, num_frames, image_size, num_shards, topic_zipf, caption_noise)
   os.makedirs(out_dir, exist_ok=True)
   meta_path = os.path.join(out_dir, "synthetic.json")
   done_path = os.path.join(out_dir, "DONE")
@@ -488,12 +531,31 @@ def generate(out_dir: str, *, seed: int, num_train: int, num_val: int, num_test:
 
   # In-process on purpose: the demo corpus takes ~20 s, and forking a process that already
   # runs JAX / TF threads can deadlock.
+  weights = topic_weights(seed, heldout, topic_zipf) if topic_zipf else None
+  noisy = []
   for split, n in counts.items():
+    donors: list[tuple[tuple[str, str], list[str]]] = []
     with records.ShardedWriter(out_dir, split, num_shards) as writer:
       for i in range(n):
         frames = 1 if split == IMAGE_SPLIT else num_frames
-        clip = render_clip(seed, split, i, frames, image_size, heldout)
+        clip = render_clip(seed, split, i, frames, image_size, heldout,
+                           weights if split == "train" else None)
+        if split == "train" and caption_noise:
+          topic = (clip["objects"][0]["shape"], clip["objects"][0]["colour"])
+          rng = np.random.default_rng([seed, _SPLIT_CODE[split], i, 0x401])
+          others = [c for t, c in donors if t != topic]
+          own = clip["captions"]
+          if others and rng.random() < caption_noise:
+            clip = dict(clip, captions=others[rng.integers(len(others))])
+            noisy.append(clip["video_id"])
+          donors = (donors + [(topic, own)])[-_DONORS:]
         writer.write(clip_record(clip, frames))
+  noisy_path = os.path.join(out_dir, NOISY_IDS_FILE)
+  if noisy:
+    with open(noisy_path, "w") as f:
+      f.write("\n".join(noisy) + "\n")
+  elif os.path.exists(noisy_path):
+    os.remove(noisy_path)
   with open(os.path.join(out_dir, ENTITIES_FILE), "w") as f:
     f.write("\n".join(SHAPES) + "\n")
   vocab_size = tokenizer.write_vocab(os.path.join(out_dir, "vocab.txt"),
@@ -501,7 +563,7 @@ def generate(out_dir: str, *, seed: int, num_train: int, num_val: int, num_test:
   with open(done_path, "w") as f:
     json.dump(params, f, sort_keys=True)
   return dict(dir=out_dir, counts=counts, heldout_pairs=heldout, vocab_size=vocab_size,
-              seconds=time.time() - start)
+              noisy_train=len(noisy), seconds=time.time() - start)
 
 
 def ensure(out_dir: str, synthetic_cfg) -> dict | None:
@@ -510,7 +572,8 @@ def ensure(out_dir: str, synthetic_cfg) -> dict | None:
   Args:
     out_dir: data directory.
     synthetic_cfg: `config.data.synthetic` (seed, num_train, num_val, num_test,
-      num_test_unseen, num_frames, image_size, num_shards, optional num_images).
+      num_test_unseen, num_frames, image_size, num_shards, optional num_images, topic_zipf,
+      caption_noise).
 
   Returns:
     generate()'s summary when it generated, else None.
@@ -521,7 +584,8 @@ def ensure(out_dir: str, synthetic_cfg) -> dict | None:
   num_images = int(c.get("num_images", 0))
   if num_images:
     counts[IMAGE_SPLIT] = num_images
-  params = _params(c.seed, counts, c.num_frames, c.image_size, c.num_shards)
+  zipf, noise = float(c.get("topic_zipf", 0.0)), float(c.get("caption_noise", 0.0))
+  params = _params(c.seed, counts, c.num_frames, c.image_size, c.num_shards, zipf, noise)
   done_path = os.path.join(out_dir, "DONE")
   if os.path.exists(done_path):
     try:
@@ -533,4 +597,4 @@ def ensure(out_dir: str, synthetic_cfg) -> dict | None:
   return generate(out_dir, seed=c.seed, num_train=c.num_train, num_val=c.num_val,
                   num_test=c.num_test, num_test_unseen=c.num_test_unseen,
                   num_frames=c.num_frames, image_size=c.image_size, num_shards=c.num_shards,
-                  num_images=num_images)
+                  num_images=num_images, topic_zipf=zipf, caption_noise=noise)
