@@ -23,6 +23,7 @@ class MetaWeightedTask(task_lib.Task):
   """
 
   keys: tuple[str, ...] = ()
+  image_mix = False  # the train stream mixes in still-image batches at `data.image_ratio`
 
   def __init__(self, config, text):
     super().__init__(config, text)
@@ -33,7 +34,8 @@ class MetaWeightedTask(task_lib.Task):
 
   def streams(self) -> dict[str, task_lib.Stream]:
     """`train` (without the meta set's clips) and, with meta weights, `meta`."""
-    out = {"train": task_lib.Stream(keys=self.keys, exclude_ids=self._meta_ids())}
+    out = {"train": task_lib.Stream(keys=self.keys, exclude_ids=self._meta_ids(),
+                                    image_mix=self.image_mix)}
     if self.meta:
       out["meta"] = task_lib.Stream(keys=self.keys, split=self.config.meta.split,
                                     batch_size=int(self.config.meta.batch_size) or None,

@@ -27,6 +27,7 @@ class MAMARetrievalTask(MetaWeightedTask):
   """Angular-margin contrastive retrieval with meta-learned sample weights."""
 
   keys = ("video", "text_ids", "text_mask", "valid")
+  image_mix = True  # dual-encoder pre-training on video + image-text data (data.image_ratio)
 
   def __init__(self, config, text):
     super().__init__(config, text)
