@@ -142,6 +142,12 @@ def base() -> ml_collections.ConfigDict:
                                            mode="online"))
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # Of each axis, the part that spans slices (TPU multi-slice) or hosts (GPU) over the
+  # data-centre network; e.g. 4 hosts x 8 GPUs: mesh.data=4, mesh.fsdp=8, mesh.dcn.data=4.
+  c.mesh.dcn = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
+  # "A:B": a jax.profiler trace of steps A..B (1-based) in WORKDIR/profile (TensorBoard or
+  # Perfetto); "" = off.
+  c.profile_steps = ""
   # Logical axis -> mesh axes. A mesh axis already used by an earlier dimension of the same
   # array is skipped, so activations [batch, length, embed] keep embed unsharded.
   c.sharding_rules = (

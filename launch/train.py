@@ -17,6 +17,9 @@ from launch import common
 
 FLAGS = flags.FLAGS
 common.define_run_flags("Directory for checkpoints, metrics and generated data.")
+flags.DEFINE_string("profile_steps", None,
+                    "A:B: write a jax.profiler trace of steps A..B into WORKDIR/profile "
+                    "(same as --config.profile_steps).")
 
 
 def main(argv):
@@ -24,7 +27,11 @@ def main(argv):
   common.setup(FLAGS)
   from launch import stages
   module = stages.config_module(config_flags.get_config_filename(FLAGS["config"]))
-  run = stages.train(FLAGS.config, FLAGS.workdir, getattr(module, "stages", None))
+  config = FLAGS.config
+  if FLAGS.profile_steps is not None:
+    with config.unlocked():
+      config.profile_steps = FLAGS.profile_steps
+  run = stages.train(config, FLAGS.workdir, getattr(module, "stages", None))
   if run.preempted_at is not None:
     print(f"preempted: {run.workdir} stopped after step {run.preempted_at} with a checkpoint; "
           "rerun the same command to resume", flush=True)

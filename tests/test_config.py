@@ -2,6 +2,7 @@
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from configs import alpro_pretrain
@@ -74,3 +75,37 @@ def test_mesh_shape(cfg, n, expected):
 def test_mesh_shape_errors(cfg, needle):
   with pytest.raises(ValueError, match=needle):
     mesh_lib.mesh_shape(cfg, 8)
+
+
+class _FakeDevice:
+  """What the hybrid mesh reads of a device: a host (process) or a TPU slice."""
+
+  def __init__(self, i, process_index, slice_index=None):
+    self.id, self.process_index, self.platform, self.device_kind = i, process_index, "gpu", "fake"
+    if slice_index is not None:
+      self.slice_index = slice_index
+
+  def __repr__(self):
+    return f"d{self.id}"
+
+
+def test_hybrid_mesh_keeps_ici_axes_inside_a_host_and_spans_hosts_with_dcn():
+  # 2 hosts x 4 devices; data=4 of which 2 across hosts (DCN), fsdp=2 inside each host.
+  devices = [_FakeDevice(i, i // 4) for i in range(8)]
+  cfg = {"data": 4, "fsdp": 2, "tensor": 1, "dcn": {"data": 2}}
+  array = mesh_lib.device_array(cfg, devices)
+  assert array.shape == (4, 2, 1)
+  hosts = np.vectorize(lambda d: d.process_index)(array)[:, :, 0]
+  # fsdp groups (a row) never leave a host; the data axis crosses hosts in its DCN part.
+  assert all(len(set(row)) == 1 for row in hosts)
+  assert sorted(set(hosts[:, 0])) == [0, 1]
+  # TPU multi-slice: slices (not processes) are the DCN groups.
+  sliced = [_FakeDevice(i, 0, slice_index=i // 4) for i in range(8)]
+  slices = np.vectorize(lambda d: d.slice_index)(mesh_lib.device_array(cfg, sliced))[:, :, 0]
+  assert all(len(set(row)) == 1 for row in slices)
+  with pytest.raises(ValueError, match=r"mesh.dcn.fsdp=3 must be >= 1 and divide mesh.fsdp=2"):
+    mesh_lib.device_array(dict(cfg, dcn={"fsdp": 3}), devices)
+  with pytest.raises(ValueError, match="must equal the product"):
+    mesh_lib.device_array(dict(cfg, dcn={"data": 4}), devices)  # 2 hosts, not 4
+  plain = mesh_lib.device_array({"data": -1}, devices)
+  assert plain.shape == (8, 1, 1)

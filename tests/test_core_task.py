@@ -410,3 +410,17 @@ def test_registry():
   with pytest.raises(TypeError):
     task_lib.register("toy_not_a_task_test")(object)
   assert "toy_not_a_task_test" not in task_lib.known()
+
+
+def test_profile_steps_write_a_trace_and_bad_ranges_fail_at_build(tmp_path):
+  import glob
+
+  c = _config(DEFAULT, dict(data=1, fsdp=1, tensor=1))
+  c.profile_steps = "2:3"
+  Trainer(c, str(tmp_path), devices=jax.devices()[:1]).build().fit()
+  traces = glob.glob(str(tmp_path / "profile" / "plugins" / "profile" / "*" / "*.xplane.pb"))
+  assert len(traces) == 1 and os.path.getsize(traces[0]) > 0
+  for bad in ("3:2", "0:1", "2"):
+    c.profile_steps = bad
+    with pytest.raises(ValueError, match="profile_steps must be 'A:B'"):
+      Trainer(c, str(tmp_path / "bad"), devices=jax.devices()[:1]).build()

@@ -27,6 +27,7 @@ from vlp_jax.core import checkpoint as ckpt_lib
 from vlp_jax.core import init as init_lib
 from vlp_jax.core import metrics as metrics_lib
 from vlp_jax.core import optim
+from vlp_jax.core import profile as profile_lib
 from vlp_jax.core import state as state_lib
 from vlp_jax.core import task as task_lib
 from vlp_jax.core import update as update_lib
@@ -156,6 +157,7 @@ class Trainer:
         raise ValueError(f"optim.grad_accum={accum} must divide the batch size {size} of "
                          f"stream {name!r}")
     self._check_evals()
+    profile_lib.parse_steps(config.get("profile_steps", ""))  # a bad spec fails before training
     names = list(jax.eval_shape(self.task.init_collections, jax.random.PRNGKey(0)))
     self.optimizers = optim.make_optimizers(config, names)
     txs = {n: tx for n, (tx, _) in self.optimizers.items()}
@@ -357,11 +359,15 @@ class Trainer:
     history, previous = [], None
     t_log, steps_since_log = time.time(), 0
     iters = {name: iter(loader) for name, loader in loaders.items()}
+    profiler = profile_lib.StepProfiler(config.get("profile_steps", ""),
+                                        os.path.join(self.workdir, "profile"))
     try:
       while step < config.num_steps:
+        profiler.before(step + 1)
         batches = self.device_batches({name: next(it) for name, it in iters.items()})
         self.state, metrics = step_fn(self.state, batches)
         step += 1
+        profiler.after(step, metrics)
         steps_since_log += 1
         if previous is not None:  # one step behind, so the host never waits on the device
           _check_finite(previous, step - 1)
@@ -396,6 +402,7 @@ class Trainer:
       if step >= config.num_steps:
         results.update(self.evaluate(step, writer))
     finally:
+      profiler.close()
       preemption.close()
       progress.close()
       self.checkpointer.close()  # waits for the last (async) save
