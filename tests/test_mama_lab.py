@@ -88,8 +88,8 @@ def test_frequency_buckets_and_bucket_recall_on_a_hand_made_case():
   a, b, c = ("circle", "red"), ("star", "blue"), ("ring", "pink")
   buckets = lab.frequency_buckets([a] * 10 + [b] * 5 + [c], [a, b, c, c])
   assert buckets == {c: 0, b: 1, a: 2}
-  # Queries: a found first, b at rank 3, c once first once second.
-  got = lab.bucket_recall(np.array([0, 3, 0, 1]), [a, b, c, c], buckets)
+  # Queries (1-based ranks): a found first, b fourth, c once first once second.
+  got = lab.bucket_recall(np.array([1, 4, 1, 2]), [a, b, c, c], buckets)
   assert got == [50.0, 0.0, 100.0]
   with pytest.raises(ValueError, match="4 ranks for 3"):
     lab.bucket_recall(np.zeros(4, int), [a, b, c], buckets)

@@ -114,14 +114,14 @@ def bucket_recall(t2v_rank: np.ndarray, test_topics: Sequence[tuple[str, str]],
   """Text->video R@1 (percent) of the test queries of each frequency bucket (nan if empty).
 
   Args:
-    t2v_rank: int [N], the 0-based rank of each query's video (the evaluator's `t2v_rank`).
+    t2v_rank: int [N], the 1-based rank of each query's video (the evaluator's `t2v_rank`).
     test_topics: the N test clips' topics, in the same order.
   """
   rank = np.asarray(t2v_rank)
   if len(rank) != len(test_topics):
     raise ValueError(f"{len(rank)} ranks for {len(test_topics)} test clips")
   which = np.asarray([buckets.get(tuple(t), 0) for t in test_topics])
-  return [float(100.0 * np.mean(rank[which == b] == 0)) if np.any(which == b) else float("nan")
+  return [float(100.0 * np.mean(rank[which == b] == 1)) if np.any(which == b) else float("nan")
           for b in range(num_buckets)]
 
 
