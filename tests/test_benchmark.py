@@ -27,3 +27,14 @@ def test_benchmark_prints_step_figures():
     assert (figures["devices"], figures["platform"]) == (2, "cpu")
     assert figures["peak_flops_source"] == "measured float32 GEMM" and figures["mfu"] < 1
     assert figures["loss_finite"] and figures["config_task"] == "mama_retrieval"
+
+
+def test_input_only_measures_the_pipeline_per_frame_count():
+  from configs import alpro_pretrain
+  from vlp_jax.data import input_benchmark
+  figures = input_benchmark.run(alpro_pretrain.get_config("tiny"), frames=(2, 4), image_size=32,
+                                num_clips=8, batch_size=4, batches=2, warmup=1)
+  assert set(figures["input_clips_per_s"]) == {2, 4}
+  for t in (2, 4):
+    rate = figures["input_clips_per_s"][t]
+    assert rate > 0 and figures["input_clips_per_s_per_core"][t] == rate / figures["cores"]
