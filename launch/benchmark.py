@@ -11,7 +11,13 @@ device's memory stats, else the compiled step's memory analysis), `devices`, `pl
   python -m launch.benchmark --config=configs/alpro_pretrain.py:demo --input_only
 
 measures the tf.data input pipeline alone instead: training clips per second (and per core)
-from JPEG records it writes, 4 and 8 frames at 224 px (`input_clips_per_s`).
+from JPEG records it writes, 4 and 8 frames at 224 px (`input_clips_per_s`), and
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m launch.benchmark \
+      --config=configs/alpro_pretrain.py:demo --retrieval=20000
+
+times retrieval ranks of 20k texts x 20k videos computed block by block over the mesh
+(eval/blockwise.py): seconds, bytes per device of a similarity block, peak host memory.
 """
 import json
 
@@ -25,11 +31,30 @@ common.define_distributed_flags()
 flags.DEFINE_integer("steps", 10, "Timed steps.")
 flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 flags.DEFINE_bool("input_only", False, "Measure the input pipeline alone (clips/s).")
+flags.DEFINE_integer("retrieval", 0, "N > 0: time block-by-block retrieval ranks of N texts "
+                     "x N videos on the config's mesh instead (time, peak host memory).")
 
 
 def main(argv):
   del argv
   common.setup(FLAGS, tensorflow=FLAGS.input_only)
+  from vlp_jax.core import benchmark
+  if FLAGS.retrieval:
+    import resource
+
+    import jax
+
+    from vlp_jax.eval import blockwise
+    from vlp_jax.parallel import mesh as mesh_lib
+    from vlp_jax.parallel import sharding as shd
+    mesh = mesh_lib.make_mesh(FLAGS.config.mesh, jax.devices())
+    figures = blockwise.benchmark(FLAGS.retrieval, mesh,
+                                  shd.rules_from_config(FLAGS.config.sharding_rules))
+    # ru_maxrss: KiB on Linux.
+    figures["peak_host_memory_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(benchmark.table(figures))
+    print(json.dumps(figures))
+    return
   if FLAGS.input_only:
     from vlp_jax.data import input_benchmark
     figures = input_benchmark.run(FLAGS.config)
@@ -38,7 +63,6 @@ def main(argv):
             f"{figures['input_clips_per_s_per_core'][t]:.1f} per core ({figures['cores']} cores)")
     print(json.dumps(figures))
     return
-  from vlp_jax.core import benchmark
   figures = benchmark.run(FLAGS.config, steps=FLAGS.steps, warmup=FLAGS.warmup)
   print(benchmark.table(figures))
   print(json.dumps(figures))

@@ -165,3 +165,28 @@ def test_rerank_topk_reorders_only_within_topk():
   np.testing.assert_allclose(full, sim + extra, rtol=1e-6)
   with pytest.raises(ValueError, match="k must be"):
     rerank_topk(sim, 0, score_fn)
+
+
+@pytest.mark.parametrize("nv", [48, 45])  # 45: not divisible by the 8 shards (replicated)
+def test_blockwise_ranks_equal_the_full_matrix_on_8_devices(nv):
+  from configs import alpro_pretrain
+  from vlp_jax.eval import blockwise
+  from vlp_jax.eval import retrieval as retrieval_lib
+  from vlp_jax.parallel import mesh as mesh_lib
+  from vlp_jax.parallel import sharding as shd
+  mesh = mesh_lib.make_mesh(dict(data=4, fsdp=2, tensor=1), jax.devices()[:8])
+  rules = shd.rules_from_config(alpro_pretrain.get_config("tiny").sharding_rules)
+  rng = np.random.default_rng(nv)
+  norm = lambda x: (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+  video = norm(rng.normal(size=(nv, 16)))
+  gt = rng.integers(0, nv - 3, 100).astype(np.int32)  # shared videos; the last 3 have no text
+  text = norm(video[gt] + 0.9 * rng.normal(size=(100, 16)))
+  sim = text @ video.T
+  want_t2v, want_v2t, want_has = jax.device_get(retrieval_lib._ranks(sim, gt))
+  t2v, v2t, has = blockwise.rank_vectors(text, video, gt, mesh, rules, block=16)  # 100 = 6x16+4
+  np.testing.assert_array_equal(t2v, want_t2v)
+  np.testing.assert_array_equal(has, want_has)
+  np.testing.assert_array_equal(v2t[has], want_v2t[has])
+  assert retrieval_lib.metrics_from_ranks(t2v, v2t, has) == retrieval_metrics(sim, gt)
+  with pytest.raises(ValueError, match="text_to_video"):
+    blockwise.rank_vectors(text, video, gt + nv, mesh, rules)

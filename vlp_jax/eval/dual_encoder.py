@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vlp_jax.eval import features
+from vlp_jax.eval import blockwise, features
 from vlp_jax.eval import retrieval as retrieval_lib
 
 SHOWN_PAIRS = 32  # the report's similarity heat-map size
@@ -34,22 +34,31 @@ def report_arrays(sim, gt: np.ndarray) -> dict[str, np.ndarray]:
           "t2v_rank": t2v, "v2t_rank": v2t}
 
 
-def evaluate(embed: Callable[[Any, dict], dict], params, batches, mesh, rules
-             ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+def evaluate(embed: Callable[[Any, dict], dict], params, batches, mesh, rules, *,
+             block: int = 2048) -> tuple[dict[str, float], dict[str, np.ndarray]]:
   """Similarity ranking over one pass of an eval loader (text i describes video i).
 
   Args:
     embed: (params, batch) -> {"video": [B,E], "text": [B,E]} L2-normalised features, plus
       `probe` [B,2,E] and `has_probe` [B] when the batch carries contrast probes.
+    block: texts per similarity block (`eval/blockwise.py`).
   Returns:
-    (metrics `retrieval/t2v_R@1`, ... and `retrieval/contrast_acc` with probes, arrays of
-    `report_arrays`).
+    (metrics `retrieval/t2v_R@1`, ... and `retrieval/contrast_acc` with probes, arrays as
+    `report_arrays`: `similarity` of the first 32 pairs, `t2v_rank`, `v2t_rank`).
   """
   feats = features.collect(embed, params, batches, mesh, rules)
-  sim = features.similarity(feats["text"], feats["video"], mesh, rules)
-  gt = np.arange(sim.shape[0])
-  out = {f"retrieval/{n}": v for n, v in retrieval_lib.retrieval_metrics(sim, gt).items()}
+  n = feats["text"].shape[0]
+  gt = np.arange(n)
+  # Block by block (eval/blockwise.py): the [N, N] matrix is never formed.
+  t2v, v2t, has_text = blockwise.rank_vectors(feats["text"], feats["video"], gt, mesh, rules,
+                                              block=block)
+  metrics = retrieval_lib.metrics_from_ranks(t2v, v2t, has_text)
+  out = {f"retrieval/{k}": v for k, v in metrics.items()}
   acc = contrast_accuracy(feats)
   if acc is not None:
     out["retrieval/contrast_acc"] = acc
-  return out, report_arrays(sim, gt)
+  shown = min(n, SHOWN_PAIRS)
+  head = jax.device_get(jnp.einsum("te,ve->tv", feats["text"][:shown].astype(jnp.float32),
+                                   feats["video"][:shown].astype(jnp.float32)))
+  return out, {"similarity": np.asarray(head, np.float32), "t2v_rank": t2v,
+               "v2t_rank": v2t[has_text]}

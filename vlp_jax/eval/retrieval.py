@@ -135,6 +135,23 @@ def retrieval_metrics(sim, text_to_video) -> dict[str, float]:
   return out
 
 
+def metrics_from_ranks(t2v_rank, v2t_rank, has_text) -> dict[str, float]:
+  """`retrieval_metrics`' keys from rank vectors (e.g. `eval/blockwise.py`'s).
+
+  Args:
+    t2v_rank: int [Nt] 1-based ranks; v2t_rank: int [Nv]; has_text: bool [Nv], the videos
+      with a ground-truth text (the others are left out of v2t).
+  """
+  stats = _masked_stats(jnp.asarray(t2v_rank, jnp.int32), jnp.ones((len(t2v_rank),), bool),
+                        "t2v")
+  stats.update(_masked_stats(jnp.asarray(v2t_rank, jnp.int32), jnp.asarray(has_text, bool),
+                             "v2t"))
+  stats = jax.device_get(stats)
+  out = _finish(stats, "t2v")
+  out.update(_finish(stats, "v2t"))
+  return out
+
+
 @jax.jit
 def _ranks(sim, text_to_video):
   return _rank_vectors(sim, jnp.clip(text_to_video, 0, sim.shape[1] - 1))
