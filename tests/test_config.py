@@ -105,7 +105,12 @@ def test_hybrid_mesh_keeps_ici_axes_inside_a_host_and_spans_hosts_with_dcn():
   assert all(len(set(row)) == 1 for row in slices)
   with pytest.raises(ValueError, match=r"mesh.dcn.fsdp=3 must be >= 1 and divide mesh.fsdp=2"):
     mesh_lib.device_array(dict(cfg, dcn={"fsdp": 3}), devices)
-  with pytest.raises(ValueError, match="must equal the product"):
+  # One process per GPU (8 processes on 2 hosts): consecutive processes form the 2 groups.
+  per_gpu = [_FakeDevice(i, i) for i in range(8)]
+  procs = np.vectorize(lambda d: d.process_index // 4)(
+      mesh_lib.device_array(cfg, per_gpu))[:, :, 0]
+  assert all(len(set(row)) == 1 for row in procs)
+  with pytest.raises(ValueError, match="2 processes cannot form 4 DCN groups"):
     mesh_lib.device_array(dict(cfg, dcn={"data": 4}), devices)  # 2 hosts, not 4
   plain = mesh_lib.device_array({"data": -1}, devices)
   assert plain.shape == (8, 1, 1)

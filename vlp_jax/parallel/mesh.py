@@ -1,10 +1,10 @@
 """Device mesh from config: axes `data`, `fsdp`, `tensor` (axis types Auto).
 
 Multi-slice TPU pods and multi-host GPU clusters: `mesh.dcn.<axis>` splits an axis across
-slices (TPU, devices carry `slice_index`) or hosts (GPU: processes), the slow data-centre
-network, while the rest of it and the other axes stay on the fast ICI / NVLink links inside a
-slice or host. Put only `data` (pure data parallelism: one gradient all-reduce per step) on
-DCN; `fsdp` and `tensor` communicate every layer.
+slices (TPU, devices carry `slice_index`) or hosts (GPU: groups of consecutive processes),
+over the slow data-centre network, while the rest of it and the other axes stay on the fast
+ICI / NVLink links inside a slice or host. Put only `data` on DCN (pure data parallelism:
+one gradient all-reduce per step); `fsdp` and `tensor` communicate every layer.
 """
 from __future__ import annotations
 
@@ -56,21 +56,45 @@ def dcn_shape(mesh_cfg: Mapping, shape: Sequence[int]) -> tuple[int, ...]:
   return sizes
 
 
+def _dcn_groups(devices: Sequence, count: int) -> list[list]:
+  """`count` groups of devices that share the fast links: TPU slices (`slice_index`), else
+  hosts, as consecutive runs of process indices (one process per host, or one per GPU with
+  a host's processes numbered together, as SLURM and torchrun do)."""
+  if len({getattr(d, "slice_index", None) for d in devices}) > 1:
+    key = lambda d: d.slice_index
+  else:
+    processes = sorted({d.process_index for d in devices})
+    if len(processes) % count:
+      raise ValueError(f"mesh.dcn: {len(processes)} processes cannot form {count} DCN groups")
+    per_group = len(processes) // count
+    rank = {p: i for i, p in enumerate(processes)}
+    key = lambda d: rank[d.process_index] // per_group
+  groups: dict = {}
+  for d in devices:
+    groups.setdefault(key(d), []).append(d)
+  if len(groups) != count:
+    raise ValueError(f"mesh.dcn asks for {count} slices / hosts, the devices form "
+                     f"{len(groups)}")
+  return [groups[k] for k in sorted(groups)]
+
+
 def device_array(mesh_cfg: Mapping, devices: Sequence) -> np.ndarray:
   """The devices laid out as the (data, fsdp, tensor) mesh: object array of that shape.
 
-  With `mesh.dcn`, devices are grouped by slice (`slice_index`, TPU multi-slice) or else by
-  process (one group per host) and each group gets the ICI part of every axis
-  (`mesh_utils.create_hybrid_device_mesh`); the group count must equal the DCN product.
+  With `mesh.dcn`, the devices are split into DCN groups (`_dcn_groups`); each group holds
+  the ICI part of every axis, laid out for its topology, and the groups tile the DCN part
+  (as `mesh_utils.create_hybrid_device_mesh`).
   """
   devices = list(devices)
   shape = mesh_shape(mesh_cfg, len(devices))
   dcn = dcn_shape(mesh_cfg, shape)
   if int(np.prod(dcn)) > 1:
     ici = tuple(n // d for n, d in zip(shape, dcn))
-    by_slice = len({getattr(d, "slice_index", None) for d in devices}) > 1
-    return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices,
-                                                process_is_granule=not by_slice)
+    groups = _dcn_groups(devices, int(np.prod(dcn)))
+    blocks = np.empty(len(groups), dtype=object)
+    for i, g in enumerate(groups):
+      blocks[i] = mesh_utils.create_device_mesh(ici, devices=g)
+    return np.block(blocks.reshape(dcn).tolist())
   if devices == list(jax.devices()):
     # Lets jax order devices for the physical topology (ICI rings on TPU, hosts last).
     return mesh_utils.create_device_mesh(shape, devices=devices)
