@@ -12,17 +12,15 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from vlp_jax import losses
-from vlp_jax.convert import hf
 from vlp_jax.core import task as task_lib
 from vlp_jax.eval import qa as qa_lib
+from vlp_jax.methods.mama import backbones
 from vlp_jax.methods.mama.backbones import LOGIT_SCALE
 from vlp_jax.methods.mama.meta_task import MetaWeightedTask
-from vlp_jax.models.alpro import ALPRO, alpro_config
+from vlp_jax.models.alpro import ALPRO
 
 
 @task_lib.register("mama_qa")
@@ -42,27 +40,18 @@ class MAMAQATask(MetaWeightedTask):
       raise ValueError(f"config.task='mama_qa' needs config.model.num_answers >= 1 (the answer "
                        f"vocabulary size), got {num_answers}")
     self.contrastive_weight = float(config.mama.contrastive_weight)
-    self.model = ALPRO(alpro_config(config.model, text.vocab_size))
+    self.backbone = backbones.AlproBackbone(config, text.vocab_size)  # with the QA head
+    self.model = self.backbone.model
 
   def rows(self, batch: dict) -> dict:
     """Questions without an in-vocabulary answer have no target: not valid for the loss."""
     return dict(batch, valid=batch["valid"] & (batch["answer_idx"] >= 0))
 
   def model_init(self, rng: jax.Array) -> dict[str, Any]:
-    d = self.config.data
-    video = jnp.zeros((2, d.num_frames, d.image_size, d.image_size, 3), jnp.float32)
-    ids = jnp.zeros((2, d.max_text_len), jnp.int32)
-    model = dict(self.model.init({"params": rng, "dropout": rng}, video, ids,
-                                 jnp.ones_like(ids))["params"])
-    model[LOGIT_SCALE] = nn.LogicallyPartitioned(
-        jnp.float32(self.config.mama.logit_scale_init), ())
-    return model
+    return self.backbone.init(rng)
 
   def import_pretrained(self, key: str, path: str, params: dict[str, Any]) -> dict[str, Any]:
-    fn = {"text": hf.init_alpro_text, "video": hf.init_alpro_video}[key]
-    model = dict(params["model"])
-    scale = model.pop(LOGIT_SCALE)
-    return dict(params, model=dict(fn(model, path, self.model.config), **{LOGIT_SCALE: scale}))
+    return dict(params, model=self.backbone.import_pretrained(key, path, params["model"]))
 
   def _forward(self, params, batch, rng):
     """(answer logits float32 [B, K], video features [B, E], question features [B, E])."""
