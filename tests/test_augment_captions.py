@@ -149,7 +149,7 @@ def test_resume_after_limit_and_truncated_line(clips_dir, tmp_path):
   assert (again["captioned"], again["already_done"]) == (0, 6)
   # Same pixels, same text; every clip gets its own.
   assert len({r["caption"] for r in _lines(out)}) > 1
-  assert augment.load_captions(out)["c1"] == [r["caption"] for r in _lines(out)
+  assert setup.read_captions(out)["c1"] == [r["caption"] for r in _lines(out)
                                                if r["video_id"] == "c1"]
 
 

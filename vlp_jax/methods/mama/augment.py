@@ -8,8 +8,8 @@ For each clip: pick keyframes (`keyframes.select`), tile them into a grid (`keyf
    "keyframes": [3, 9, ...]}
 
 The records are not rewritten: training adds the side files' captions to each clip's caption
-list (`config.data.extra_captions`, read by `load_captions`). A rerun resumes: clips already in
-the side file are passed over.
+list (`config.data.extra_captions`, read by `vlp_jax.data.setup.read_captions`). A rerun
+resumes: clips already in the side file are passed over.
 """
 from __future__ import annotations
 
@@ -28,15 +28,6 @@ from vlp_jax.data import records
 from vlp_jax.data import setup as data_setup
 from vlp_jax.methods.mama import keyframes
 from vlp_jax.methods.mama.captioners import DEFAULT_PROMPT, Captioner, postprocess
-
-
-def load_captions(paths: str | Sequence[str]) -> dict[str, list[str]]:
-  """Side file(s) -> {video id: generated captions}, for training.
-
-  `paths`: one path, comma-separated paths or a list. See `vlp_jax.data.setup.read_captions`
-  (the reader training uses) for the errors.
-  """
-  return data_setup.read_captions(paths)
 
 
 def _resume(out_path: str) -> set[str]:
