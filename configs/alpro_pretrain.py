@@ -42,7 +42,8 @@ def base() -> ml_collections.ConfigDict:
   c.data.tfds = ml_collections.ConfigDict(dict(name="", dir="", video="video", caption="",
                                                label="label", id=""))
   c.data.dir = ""
-  c.data.vocab = ""                     # vocab.txt for the BERT tokenizer; "" = DIR/vocab.txt
+  c.data.vocab = ""                     # BERT vocab.txt, or a transformers tokenizer directory
+                                        # (e.g. CLIP's); "" = DIR/vocab.txt
   c.data.train_split = "train"
   c.data.num_frames = 4
   c.data.image_size = 224

@@ -14,9 +14,9 @@ The weighting net is trained every `meta.every` steps through one virtual SGD st
 (`meta.virtual_lr`) on batches of `meta.split`, a clean split held out of training (never an
 evaluation split); `meta.enabled=False` trains with the plain angular-margin loss.
 
-Presets: `tiny` (unit tests), `demo` (the synthetic corpus, the demo model), `base` (the
-pre-training model sizes; set `data.dir` and `meta.split` for real data), `lab` (the synthetic
-lab of `python -m launch.mama_lab`: long-tailed topics, a small model).
+Presets: `tiny` (unit tests), `demo` (the synthetic corpus, the demo model), `base` (MSRVTT:
+CLIP B/32 towers over 12 frames; set `data.dir`, `meta.split`, `init.clip` and `data.vocab`),
+`lab` (the synthetic lab of `python -m launch.mama_lab`: long-tailed topics, a small model).
 """
 import ml_collections
 
@@ -95,7 +95,12 @@ def _demo(c):
 
 
 def _base(c):
+  """MSRVTT 1k-A as MAMA's retrieval: CLIP B/32 towers over 12 frames (start from a CLIP
+  checkpoint: --config.init.clip=hf:DIR --config.data.vocab=DIR, its tokenizer); the data,
+  steps and optimiser of ALPRO's MSRVTT preset (configs/alpro_retrieval.py)."""
   alpro_retrieval.PRESETS["base"](c)
+  c.backbone = "clip"
+  c.data.num_frames = 12
   for ev in c.evals.values():
     ev.rerank_k = 0
 

@@ -455,3 +455,32 @@ def test_eval_batches_carry_contrast_probes(corpus, tok):
         np.testing.assert_array_equal(b["probe_ids"][i], ids)
   train = next(iter(_loader(corpus, tok, "train", training=True)))
   assert "probe_ids" not in train  # probes are an evaluation-only input
+
+
+def test_a_tokenizer_directory_loads_offline_and_without_mask_token_skips_mlm(tmp_path):
+  """data.vocab may name a transformers tokenizer directory (e.g. CLIP's BPE); one without
+  [MASK] tokenises with its own start / end tokens and makes no MLM labels."""
+  from tokenizers import Tokenizer, models, pre_tokenizers, processors
+  from transformers import PreTrainedTokenizerFast
+
+  from vlp_jax.data import text as text_lib
+  from vlp_jax.data import tokenizer as tok_lib
+  vocab = {"<pad>": 0, "<unk>": 1, "<s>": 2, "</s>": 3, "a": 4, "red": 5, "circle": 6}
+  backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+  backend.pre_tokenizer = pre_tokenizers.Whitespace()
+  backend.post_processor = processors.TemplateProcessing(
+      single="<s> $A </s>", special_tokens=[("<s>", 2), ("</s>", 3)])
+  fast = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>",
+                                 bos_token="<s>", eos_token="</s>")
+  fast.save_pretrained(str(tmp_path / "tok"))
+  tok = tok_lib.load_tokenizer(str(tmp_path / "tok"))
+  ids, mask = text_lib.tokenize(tok, ["a red circle"], 8)
+  assert ids.tolist() == [[2, 4, 5, 6, 3, 0, 0, 0]] and mask.tolist() == [[1] * 5 + [0] * 3]
+  assert tok.mask_token_id is None
+  mlm_ids, labels = text_lib.mlm_mask(ids, mask, np.random.default_rng(0), vocab_size=len(tok),
+                                      mask_id=None, special_ids=tok.all_special_ids, prob=0.9)
+  assert (mlm_ids == ids).all() and (labels == text_lib.IGNORE_LABEL).all()
+  PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>").save_pretrained(
+      str(tmp_path / "nopad"))
+  with pytest.raises(ValueError, match="no padding token"):
+    tok_lib.load_tokenizer(str(tmp_path / "nopad"))

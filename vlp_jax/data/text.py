@@ -12,10 +12,11 @@ IGNORE_LABEL = -100  # label of positions the MLM loss ignores
 
 
 def tokenize(tokenizer, captions: Sequence[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
-  """Tokenises a batch of captions as `[CLS] tokens [SEP] [PAD]...`.
+  """Tokenises a batch of captions as `[CLS] tokens [SEP] [PAD]...` (BERT; other tokenizers
+  add their own start / end tokens, e.g. CLIP's).
 
   Args:
-    tokenizer: a (fast) BERT tokenizer.
+    tokenizer: a (fast) `transformers` tokenizer.
     captions: B strings.
     max_len: L; longer captions are truncated (keeping [SEP] last), shorter ones padded.
 
@@ -30,7 +31,7 @@ def tokenize(tokenizer, captions: Sequence[str], max_len: int) -> tuple[np.ndarr
 
 
 def mlm_mask(ids: np.ndarray, mask: np.ndarray, rng: np.random.Generator, *, vocab_size: int,
-             mask_id: int, special_ids: Sequence[int],
+             mask_id: int | None, special_ids: Sequence[int],
              prob: float = 0.15) -> tuple[np.ndarray, np.ndarray]:
   """BERT masking: choose tokens with `prob`; of those 80 % [MASK], 10 % random, 10 % kept.
 
@@ -43,7 +44,8 @@ def mlm_mask(ids: np.ndarray, mask: np.ndarray, rng: np.random.Generator, *, voc
     mask: int/bool [B, L] attention mask (0 = padding).
     rng: numpy Generator.
     vocab_size: size of the vocabulary.
-    mask_id: id of [MASK].
+    mask_id: id of [MASK]; None (a tokenizer without one, e.g. CLIP's): no masking, every
+      label -100.
     special_ids: ids that are never chosen nor used as random replacements.
     prob: probability of choosing each eligible token.
 
@@ -52,6 +54,8 @@ def mlm_mask(ids: np.ndarray, mask: np.ndarray, rng: np.random.Generator, *, voc
     the original id at chosen positions, -100 elsewhere.
   """
   ids = np.asarray(ids, np.int32)
+  if mask_id is None:
+    return ids.copy(), np.full(ids.shape, IGNORE_LABEL, np.int32)
   special = np.asarray(sorted(set(int(s) for s in special_ids)), np.int32)
   eligible = (np.asarray(mask) != 0) & ~np.isin(ids, special)
   choose = eligible & (rng.random(ids.shape) < prob)

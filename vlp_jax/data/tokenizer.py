@@ -78,18 +78,29 @@ def vocab_words(texts: Iterable[str], max_words: int | None = None,
 
 
 def load_tokenizer(vocab_path: str):
-  """Loads a lowercasing BERT WordPiece tokenizer from a local `vocab.txt`.
+  """Loads a lowercasing BERT WordPiece tokenizer from a local `vocab.txt`, or any
+  `transformers` tokenizer from a local directory (`save_pretrained`, e.g. CLIP's BPE for
+  MAMA's CLIP backbone), offline.
 
   Returns:
     `transformers.BertTokenizerFast` (in transformers 5 an alias of the tokenizers-backed
-    `BertTokenizer`); `len(tok)` is the vocabulary size.
+    `BertTokenizer`), or the directory's tokenizer; `len(tok)` is the vocabulary size.
 
   Raises:
     FileNotFoundError: `vocab_path` does not exist.
+    ValueError: a tokenizer directory without a padding token.
   """
+  if os.path.isdir(vocab_path):
+    from transformers import AutoTokenizer  # noqa: PLC0415  (slow import)
+    tok = AutoTokenizer.from_pretrained(vocab_path, local_files_only=True)
+    if tok.pad_token_id is None:
+      raise ValueError(f"tokenizer {vocab_path!r} has no padding token; captions are padded "
+                       "to data.max_text_len")
+    return tok
   if not os.path.isfile(vocab_path):
-    raise FileNotFoundError(f"tokenizer vocabulary {vocab_path!r} not found (set data.vocab, "
-                            "or generate the synthetic corpus which writes DIR/vocab.txt)")
+    raise FileNotFoundError(f"tokenizer vocabulary {vocab_path!r} not found (set data.vocab to "
+                            "a vocab.txt or a tokenizer directory, or generate the synthetic "
+                            "corpus which writes DIR/vocab.txt)")
   from transformers import BertTokenizerFast  # noqa: PLC0415  (slow import)
   with open(vocab_path, encoding="utf-8") as f:
     vocab = {}
