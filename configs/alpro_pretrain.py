@@ -215,7 +215,18 @@ def _base(c):
   c.data.synthetic.generate = False
 
 
-PRESETS = {"tiny": _tiny, "demo": _demo, "base": _base}
+def _bench(c):
+  # The CPU speed comparison of `launch.benchmark --compare=torch` (README "Performance"):
+  # TimeSformer 6 x 384 at 4 x 112^2, BERT 6 x 384 (+ one fusion layer VTC does not use),
+  # text length 32, batch 16.
+  c.data.update(num_frames=4, image_size=112, max_text_len=32)
+  c.model.video.update(image_size=112, patch_size=16, num_frames=4, hidden=384, layers=6,
+                       heads=6, mlp_dim=1536)
+  c.model.text.update(hidden=384, layers=7, fusion_layer=6, heads=6, mlp_dim=1536)
+  c.batch_size = 16
+
+
+PRESETS = {"tiny": _tiny, "demo": _demo, "base": _base, "bench": _bench}
 
 
 def get_config(arg=None):

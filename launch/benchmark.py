@@ -8,6 +8,13 @@ Prints a readable table, then, as its last line, one JSON object: `step_time_s` 
 `tflops_per_s`, `mfu` (null where the device's peak is unknown), `peak_memory_bytes` (the
 device's memory stats, else the compiled step's memory analysis), `devices`, `platform`.
 
+  python -m launch.benchmark --config=configs/alpro_pretrain.py:bench --compare=torch
+
+times ALPRO's VTC step (VTM/MLM/PEM weights set to 0) and, in the same run, the PyTorch eager
+reference at the same shapes (HF TimesformerModel + BertModel, AdamW; vlp_jax/core/
+torch_reference.py; needs torch and transformers), adding `torch_step_time_s` and
+`speedup_vs_torch` (torch time / vlp_jax time).
+
   python -m launch.benchmark --config=configs/alpro_pretrain.py:demo --input_only
 
 measures the tf.data input pipeline alone instead: training clips per second (and per core)
@@ -30,6 +37,9 @@ common.define_config_flag()
 common.define_distributed_flags()
 flags.DEFINE_integer("steps", 10, "Timed steps.")
 flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
+flags.DEFINE_enum("compare", "", ["", "torch"], "torch: also time the PyTorch eager "
+                  "reference of ALPRO's VTC step (HF TimeSformer + BERT, AdamW) at the same "
+                  "shapes, and report the ratio; the vlp_jax step is then VTC-only too.")
 flags.DEFINE_bool("input_only", False, "Measure the input pipeline alone (clips/s).")
 flags.DEFINE_integer("retrieval", 0, "N > 0: time block-by-block retrieval ranks of N texts "
                      "x N videos on the config's mesh instead (time, peak host memory).")
@@ -63,7 +73,14 @@ def main(argv):
             f"{figures['input_clips_per_s_per_core'][t]:.1f} per core ({figures['cores']} cores)")
     print(json.dumps(figures))
     return
-  figures = benchmark.run(FLAGS.config, steps=FLAGS.steps, warmup=FLAGS.warmup)
+  config = FLAGS.config
+  if FLAGS.compare:
+    config = benchmark.vtc_only(config)
+  figures = benchmark.run(config, steps=FLAGS.steps, warmup=FLAGS.warmup)
+  if FLAGS.compare == "torch":
+    from vlp_jax.core import torch_reference
+    figures.update(torch_reference.run(config, steps=FLAGS.steps, warmup=FLAGS.warmup))
+    figures["speedup_vs_torch"] = figures["torch_step_time_s"] / figures["step_time_s"]
   print(benchmark.table(figures))
   print(json.dumps(figures))
 

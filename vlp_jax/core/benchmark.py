@@ -2,7 +2,8 @@
 
 The run uses `data.source = "random"` (device batches of the right shapes, no TensorFlow) and
 times the compiled update on one batch per stream, so it measures the device step alone.
-FLOPs per step come from XLA's cost analysis of the compiled step; MFU divides the achieved
+FLOPs per step come from XLA's cost analysis of the compiled step (the partitioned program of
+one device, times the number of devices), cross-checked by the task's analytic count; MFU divides the achieved
 FLOP/s by the peak of the devices (a table of accelerators; on CPU a measured float32 GEMM).
 """
 from __future__ import annotations
@@ -69,6 +70,19 @@ def _compiled_memory(compiled) -> int | None:
              - m.alias_size_in_bytes)
 
 
+def vtc_only(config):
+  """A copy of an ALPRO config whose loss is VTC alone on video-only batches (the step of
+  the PyTorch reference, vlp_jax/core/torch_reference.py)."""
+  if config.task != "alpro":
+    raise ValueError(f"--compare=torch times ALPRO's VTC step; config.task is {config.task!r}")
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    for k in config.loss:
+      config.loss[k] = 1.0 if k == "vtc" else 0.0
+    config.data.image_ratio = 0.0
+  return config
+
+
 def run(config, steps: int = 10, warmup: int = 2, devices=None) -> dict:
   """Benchmarks `config`'s update step; returns the figures (see `launch.benchmark`)."""
   config = copy.deepcopy(config)
@@ -84,7 +98,8 @@ def run(config, steps: int = 10, warmup: int = 2, devices=None) -> dict:
     t0 = time.perf_counter()
     compiled = step.lower(trainer.state, batches).compile()
     compile_s = time.perf_counter() - t0
-    flops = _cost(compiled)
+    # The cost analysis is of the SPMD-partitioned program, i.e. of one device.
+    device_flops = _cost(compiled)
     compiled_bytes = _compiled_memory(compiled)
     state = trainer.state
     times = []
@@ -96,6 +111,7 @@ def run(config, steps: int = 10, warmup: int = 2, devices=None) -> dict:
         times.append(time.perf_counter() - t0)
     trainer.checkpointer.close()
   mesh_devices = list(trainer.mesh.devices.flat)
+  flops = device_flops * len(mesh_devices) if device_flops else None
   stats = [d.memory_stats() or {} for d in mesh_devices if hasattr(d, "memory_stats")]
   peaks = [s.get("peak_bytes_in_use") for s in stats if s.get("peak_bytes_in_use")]
   median = statistics.median(times)
@@ -103,11 +119,15 @@ def run(config, steps: int = 10, warmup: int = 2, devices=None) -> dict:
   achieved = flops / median if flops else None
   total_peak = peak * len(mesh_devices) if peak else None
   batch = int(config.batch_size)
+  analytic = trainer.task.analytic_flops(batch)
   return {
       "config_task": config.task,
       "step_time_s": median, "step_time_min_s": min(times), "step_time_max_s": max(times),
       "examples_per_s": batch / median, "batch_size": batch, "compile_s": compile_s,
-      "flops_per_step": flops, "tflops_per_s": achieved / 1e12 if achieved else None,
+      "flops_per_step": flops,
+      "flops_per_step_analytic": analytic,
+      "flops_analytic_over_xla": analytic / flops if analytic and flops else None,
+      "tflops_per_s": achieved / 1e12 if achieved else None,
       "mfu": achieved / total_peak if achieved and total_peak else None,
       "peak_flops_per_device": peak, "peak_flops_source": peak_source,
       "peak_memory_bytes": max(peaks) if peaks else compiled_bytes,

@@ -169,6 +169,12 @@ class Task(abc.ABC):
     del ctx
     return None
 
+  def analytic_flops(self, batch_size: int) -> float | None:
+    """FLOPs of one training step on `batch_size` examples counted from the model's shapes
+    (matmuls), the benchmark's cross-check of XLA's cost analysis; None = not counted."""
+    del batch_size
+    return None
+
   # ---- evaluation ---------------------------------------------------------------------------
 
   @abc.abstractmethod

@@ -23,6 +23,7 @@ from vlp_jax.convert import hf
 from vlp_jax.core import task as task_lib
 from vlp_jax.data import entities as entities_lib
 from vlp_jax.data.mixture import IS_IMAGE
+from vlp_jax.methods.alpro import flops
 from vlp_jax.methods.alpro import prompter as prompter_lib
 from vlp_jax.methods.alpro import retrieval
 from vlp_jax.models.alpro import ALPRO, alpro_config
@@ -82,6 +83,11 @@ class ALPROTask(task_lib.Task):
     if IS_IMAGE in self.streams()["train"].keys:
       batch[IS_IMAGE] = np.zeros((batch_size,), bool)
     return batch
+
+  def analytic_flops(self, batch_size: int) -> float:
+    """Matmul FLOPs of one step with this config's loss weights (methods/alpro/flops.py)."""
+    return flops.train_step(self.model.config, batch_size, int(self.config.data.max_text_len),
+                            self.weights)
 
   def init_module(self, model, rng: jax.Array) -> Any:
     """Logically boxed float32 params of `model` (this task's model or its prompter)."""
