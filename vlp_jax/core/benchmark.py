@@ -3,8 +3,9 @@
 The run uses `data.source = "random"` (device batches of the right shapes, no TensorFlow) and
 times the compiled update on one batch per stream, so it measures the device step alone.
 FLOPs per step come from XLA's cost analysis of the compiled step (the partitioned program of
-one device, times the number of devices), cross-checked by the task's analytic count; MFU divides the achieved
-FLOP/s by the peak of the devices (a table of accelerators; on CPU a measured float32 GEMM).
+one device, times the number of devices), cross-checked by the task's analytic count; MFU
+divides the achieved FLOP/s by the peak of the devices (a table of accelerators; on CPU a
+measured float32 GEMM).
 """
 from __future__ import annotations
 
