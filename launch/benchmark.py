@@ -23,8 +23,9 @@ from JPEG records it writes, 4 and 8 frames at 224 px (`input_clips_per_s`), and
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m launch.benchmark \
       --config=configs/alpro_pretrain.py:demo --retrieval=20000
 
-times retrieval ranks of 20k texts x 20k videos computed block by block over the mesh
-(eval/blockwise.py): seconds, bytes per device of a similarity block, peak host memory.
+times retrieval ranks of 20k texts x 20k videos computed block by block over the mesh, with
+each query's top `--rerank_k` candidates kept and re-ranked (eval/blockwise.py,
+eval/rerank.py): seconds, bytes per device of a similarity block, peak host memory.
 """
 import json
 
@@ -43,6 +44,8 @@ flags.DEFINE_enum("compare", "", ["", "torch"], "torch: also time the PyTorch ea
 flags.DEFINE_bool("input_only", False, "Measure the input pipeline alone (clips/s).")
 flags.DEFINE_integer("retrieval", 0, "N > 0: time block-by-block retrieval ranks of N texts "
                      "x N videos on the config's mesh instead (time, peak host memory).")
+flags.DEFINE_integer("rerank_k", 16, "With --retrieval: candidates kept and re-ranked per "
+                     "query (0 = ranks only).")
 
 
 def main(argv):
@@ -59,7 +62,8 @@ def main(argv):
     from vlp_jax.parallel import sharding as shd
     mesh = mesh_lib.make_mesh(FLAGS.config.mesh, jax.devices())
     figures = blockwise.benchmark(FLAGS.retrieval, mesh,
-                                  shd.rules_from_config(FLAGS.config.sharding_rules))
+                                  shd.rules_from_config(FLAGS.config.sharding_rules),
+                                  k=FLAGS.rerank_k)
     # ru_maxrss: KiB on Linux.
     figures["peak_host_memory_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(benchmark.table(figures))

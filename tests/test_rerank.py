@@ -8,7 +8,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from configs import alpro_retrieval
-from vlp_jax.eval import rerank
+from vlp_jax.eval import blockwise, rerank
 from vlp_jax.eval.retrieval import retrieval_metrics
 from vlp_jax.models.alpro import ALPRO
 from vlp_jax.parallel import sharding as shd
@@ -66,11 +66,28 @@ def test_rows_per_chunk():
   assert rerank.rows_per_chunk(20, 6, 8) == 4       # 3 rows -> 4: 24 pairs
 
 
-@pytest.mark.parametrize("sharded", [False, True])
-def test_equals_naive_rerank_and_changes_only_the_topk(sharded):
+def _features(nt, nv, dim=8, seed=0):
+  rng = np.random.default_rng(seed)
+  unit = lambda x: (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+  return unit(rng.normal(size=(nt, dim))), unit(rng.normal(size=(nv, dim)))
+
+
+def _mesh(devices):
+  return Mesh(np.array(jax.devices()[:devices]).reshape(devices, 1, 1),
+              ("data", "fsdp", "tensor"))
+
+
+RULES = shd.rules_from_config(alpro_retrieval.get_config("tiny").sharding_rules)
+
+
+@pytest.mark.parametrize("devices,nv,block", [(1, 11, 16), (8, 16, 5), (8, 11, 3)])
+def test_equals_naive_rerank_and_changes_only_the_topk(devices, nv, block):
+  """Block by block over 1 or 8 devices (Nv divisible or not, several text blocks), the
+  re-ranked metrics equal a numpy re-rank of the full matrix."""
   rng = np.random.default_rng(0)
-  nt, nv, k = 16, 11, 3
-  sim = rng.normal(size=(nt, nv)).astype(np.float32)
+  nt, k = 16, 3
+  text, video = _features(nt, nv)
+  sim = text @ video.T
   extra = (3 * rng.normal(size=(nt, nv))).astype(np.float32)  # large: reorders the top-k
   t2v = rng.integers(0, nv, size=nt)
   calls = []
@@ -79,18 +96,19 @@ def test_equals_naive_rerank_and_changes_only_the_topk(sharded):
     calls.append((np.asarray(text_idx), np.asarray(video_idx)))
     return jnp.asarray(extra)[text_idx, video_idx]
 
-  s = sim
-  if sharded:
-    mesh = Mesh(np.array(jax.devices()).reshape(8), ("data",))
-    s = jax.device_put(sim, NamedSharding(mesh, P("data", None)))
-  got = rerank.reranked_metrics(s, t2v, k, pair_score, chunk_rows=5)
+  scan = blockwise.scan(text, video, t2v, _mesh(devices), RULES, k=k, block=block)
+  # Each query's candidates are its VTC top-k, best first.
+  np.testing.assert_array_equal(scan["t2v_top_idx"], np.argsort(-sim, axis=1)[:, :k])
+  np.testing.assert_array_equal(scan["v2t_top_idx"], np.argsort(-sim.T, axis=1)[:, :k])
+  np.testing.assert_allclose(scan["t2v_top_sim"], -np.sort(-sim, axis=1)[:, :k], atol=1e-6)
+  got = rerank.reranked_metrics(scan, pair_score, chunk_rows=5)
   want, ranks = naive_reranked(sim, extra, t2v, k)
   _assert_close(got, want)
-  # Fixed-shape calls only ([5, k]: 16 texts -> 4 calls, 11 videos -> 3), and only top-k pairs.
-  assert len(calls) == 4 + 3 and all(t.shape == v.shape == (5, k) for t, v in calls)
-  for t, v in calls[:4]:
-    for i, j in zip(t.ravel(), v.ravel()):
-      assert j in np.argsort(-sim[i])[:k]
+  t_ranks, _ = rerank.reranked_ranks(scan, pair_score, 5)
+  np.testing.assert_array_equal(t_ranks, ranks)
+  # Fixed-shape calls only ([5, k]: 16 texts -> 4 calls, nv videos -> ceil(nv / 5)).
+  calls = calls[:len(calls) // 2]  # reranked_ranks repeated the same calls
+  assert len(calls) == 4 + -(-nv // 5) and all(t.shape == v.shape == (5, k) for t, v in calls)
   # A text whose video is outside its VTC top-k keeps its VTC-only rank.
   vtc_rank = 1 + np.sum(sim > sim[np.arange(nt), t2v][:, None], axis=1)
   outside = vtc_rank > k
@@ -102,10 +120,10 @@ def test_equals_naive_rerank_and_changes_only_the_topk(sharded):
 
 
 def test_no_extra_score_gives_vtc_metrics():
-  rng = np.random.default_rng(1)
-  sim = rng.normal(size=(9, 9)).astype(np.float32)
-  got = rerank.reranked_metrics(sim, np.arange(9), 4, lambda t, v: jnp.zeros(t.shape), 2)
-  _assert_close(got, retrieval_metrics(sim, np.arange(9)))
+  text, video = _features(9, 9, seed=1)
+  scan = blockwise.scan(text, video, np.arange(9), _mesh(1), RULES, k=4, block=4)
+  got = rerank.reranked_metrics(scan, lambda t, v: jnp.zeros(t.shape), 2)
+  _assert_close(got, retrieval_metrics(text @ video.T, np.arange(9)))
 
 
 # ----------------------------------------------------------------------------------------

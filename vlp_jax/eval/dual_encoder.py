@@ -26,12 +26,14 @@ def contrast_accuracy(feats: dict) -> float | None:
   return float(100.0 * jnp.sum(right) / jnp.sum(feats["has_probe"]))
 
 
-def report_arrays(sim, gt: np.ndarray) -> dict[str, np.ndarray]:
-  """`similarity` float32 [n, n] of the first n <= 32 pairs; `t2v_rank`, `v2t_rank` int32."""
-  t2v, v2t = retrieval_lib.ranks(sim, gt)
-  n = min(sim.shape[0], SHOWN_PAIRS)
-  return {"similarity": np.asarray(jax.device_get(sim[:n, :n]), np.float32),
-          "t2v_rank": t2v, "v2t_rank": v2t}
+def report_arrays(feats: dict, scan: dict) -> dict[str, np.ndarray]:
+  """`similarity` float32 [n, n] of the first n <= 32 pairs; `t2v_rank`, `v2t_rank` int32 (the
+  VTC ranks of `blockwise.scan`, v2t over the videos with a text)."""
+  shown = min(feats["text"].shape[0], SHOWN_PAIRS)
+  head = jax.device_get(jnp.einsum("te,ve->tv", feats["text"][:shown].astype(jnp.float32),
+                                   feats["video"][:shown].astype(jnp.float32)))
+  return {"similarity": np.asarray(head, np.float32), "t2v_rank": scan["t2v"],
+          "v2t_rank": scan["v2t"][scan["has_text"]]}
 
 
 def evaluate(embed: Callable[[Any, dict], dict], params, batches, mesh, rules, *,
@@ -50,15 +52,10 @@ def evaluate(embed: Callable[[Any, dict], dict], params, batches, mesh, rules, *
   n = feats["text"].shape[0]
   gt = np.arange(n)
   # Block by block (eval/blockwise.py): the [N, N] matrix is never formed.
-  t2v, v2t, has_text = blockwise.rank_vectors(feats["text"], feats["video"], gt, mesh, rules,
-                                              block=block)
-  metrics = retrieval_lib.metrics_from_ranks(t2v, v2t, has_text)
+  scan = blockwise.scan(feats["text"], feats["video"], gt, mesh, rules, block=block)
+  metrics = retrieval_lib.metrics_from_ranks(scan["t2v"], scan["v2t"], scan["has_text"])
   out = {f"retrieval/{k}": v for k, v in metrics.items()}
   acc = contrast_accuracy(feats)
   if acc is not None:
     out["retrieval/contrast_acc"] = acc
-  shown = min(n, SHOWN_PAIRS)
-  head = jax.device_get(jnp.einsum("te,ve->tv", feats["text"][:shown].astype(jnp.float32),
-                                   feats["video"][:shown].astype(jnp.float32)))
-  return out, {"similarity": np.asarray(head, np.float32), "t2v_rank": t2v,
-               "v2t_rank": v2t[has_text]}
+  return out, report_arrays(feats, scan)

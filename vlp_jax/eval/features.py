@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vlp_jax.parallel import sharding as shd
 
@@ -101,19 +100,10 @@ def _aligned(batches: Iterable[dict]) -> Iterator[dict]:
 def batch_shards(mesh, rules) -> int:
   """Number of shards of an array's leading (batch) axis under `rules`."""
   spec = shd.batch_sharding(mesh, rules, 1).spec
-  return int(np.prod([mesh.shape[a] for a in _axes(spec[0] if spec else None)]))
+  return int(np.prod([mesh.shape[a] for a in axes(spec[0] if spec else None)]))
 
 
-def similarity(text_feat: jax.Array, video_feat: jax.Array, mesh, rules) -> jax.Array:
-  """text [Nt, E] @ video [Nv, E]^T -> float32 [Nt, Nv], rows sharded when they divide evenly."""
-  rows = shd.batch_sharding(mesh, rules, 2)
-  out = rows if text_feat.shape[0] % batch_shards(mesh, rules) == 0 else NamedSharding(mesh, P())
-  fn = jax.jit(lambda t, v: jnp.einsum("te,ve->tv", t.astype(jnp.float32),
-                                       v.astype(jnp.float32)), out_shardings=out)
-  return fn(text_feat, video_feat)
-
-
-def _axes(spec) -> tuple:
+def axes(spec) -> tuple:
   if spec is None:
     return ()
   return tuple(spec) if isinstance(spec, tuple) else (spec,)

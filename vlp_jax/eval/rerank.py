@@ -2,10 +2,11 @@
 
 For a text query the top-k videos by VTC similarity are re-scored with
 `VTC similarity + VTM positive logit` of the fused (text, video) pair; every other video keeps
-its VTC order below them (`retrieval.rerank_topk`). For a video query the same is done over
-texts. The similarity matrices stay sharded by rows; the pair scores are computed in
-fixed-size chunks of queries (one compiled program), so a 10k x 10k evaluation needs only
-`chunk` fused pairs in memory at a time.
+its VTC order below them (the ranks of `retrieval.rerank_topk`'s matrix). For a video query
+the same is done over texts. The candidates come from `eval/blockwise.py`'s scan, so no
+[Nt, Nv] similarity matrix is ever formed; the pair scores are computed in fixed-size chunks
+of queries (one compiled program), so a 100k x 100k evaluation needs only `chunk` fused
+pairs in memory at a time.
 """
 from __future__ import annotations
 
@@ -16,9 +17,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from vlp_jax.eval.retrieval import rerank_topk, retrieval_metrics
+from vlp_jax.eval.retrieval import metrics_from_ranks
 
 # (text_idx int32 [C, k], video_idx int32 [C, k]) -> float32 [C, k], e.g. VTM positive logits.
 PairScore = Callable[[jax.Array, jax.Array], jax.Array]
@@ -64,42 +64,54 @@ def chunked(pair_score: PairScore, rows: int) -> PairScore:
   return score
 
 
-def transpose(sim: jax.Array) -> jax.Array:
-  """`sim.T`, row-sharded like `sim` when its rows divide evenly (else replicated)."""
-  spec = getattr(getattr(sim, "sharding", None), "spec", None)
-  mesh = getattr(getattr(sim, "sharding", None), "mesh", None)
-  if mesh is None or not spec or spec[0] is None:
-    return jnp.asarray(sim).T
-  axes = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
-  shards = int(np.prod([mesh.shape[a] for a in axes]))
-  out = NamedSharding(mesh, P(spec[0], None) if sim.shape[1] % shards == 0 else P())
-  return jax.jit(_t, out_shardings=out)(sim)
-
-
-def _t(x: jax.Array) -> jax.Array:
-  return x.T
-
-
-def reranked_metrics(sim, text_to_video, k: int, pair_score: PairScore,
-                     chunk_rows: int) -> dict[str, float]:
-  """Retrieval metrics after VTM re-ranking of the top-k in both directions.
+def reranked_ranks(scan: dict, pair_score: PairScore, chunk_rows: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+  """Ranks after VTM re-ranking of each query's top-k, in both directions.
 
   Args:
-    sim: float [Nt, Nv] VTC similarities (rows = texts), numpy or a (sharded) jax array.
-    text_to_video: int [Nt], the ground-truth video of each text.
-    k: candidates re-scored per query (clamped to the number of candidates).
+    scan: `blockwise.scan(..., k=k)`: VTC ranks and each query's top-k candidates.
     pair_score: `(text_idx int32 [C, k], video_idx int32 [C, k]) -> float32 [C, k]`, the
       score added to the VTC similarity of each pair (ALPRO: the VTM positive logit).
     chunk_rows: C, queries scored per call of `pair_score`.
-
   Returns:
-    `retrieval_metrics` keys: `t2v_*` from the text-query re-ranking, `v2t_*` from the
-    video-query re-ranking.
+    (t2v int32 [Nt], v2t int32 [Nv]): the ranks `retrieval_metrics` gives on the matrix that
+    `retrieval.rerank_topk` re-scores (a ground truth outside the top-k keeps its VTC rank;
+    the videos without a text are `scan["has_text"]`-masked by the caller).
   """
-  sim = jnp.asarray(sim, jnp.float32) if not isinstance(sim, jax.Array) else sim
-  t2v = rerank_topk(sim, k, chunked(pair_score, chunk_rows))
-  v2t = rerank_topk(transpose(sim), k, chunked(lambda v, t: pair_score(t, v), chunk_rows))
-  out = {n: v for n, v in retrieval_metrics(t2v, text_to_video).items() if n.startswith("t2v")}
-  out.update({n: v for n, v in retrieval_metrics(transpose(v2t), text_to_video).items()
-              if n.startswith("v2t")})
-  return out
+  t_idx = scan["t2v_top_idx"]
+  rows = np.broadcast_to(np.arange(t_idx.shape[0], dtype=np.int32)[:, None], t_idx.shape)
+  extra = np.asarray(chunked(pair_score, chunk_rows)(jnp.asarray(rows), jnp.asarray(t_idx)))
+  t2v = _ranks(scan["t2v_top_sim"], extra, t_idx == scan["gt"][:, None], scan["gt_sim"],
+               scan["t2v"])
+  v_idx = scan["v2t_top_idx"]
+  rows = np.broadcast_to(np.arange(v_idx.shape[0], dtype=np.int32)[:, None], v_idx.shape)
+  extra = np.asarray(chunked(lambda v, t: pair_score(t, v), chunk_rows)(
+      jnp.asarray(rows), jnp.asarray(v_idx)))
+  v2t = _ranks(scan["v2t_top_sim"], extra, scan["gt"][v_idx] == rows, scan["best"],
+               scan["v2t"])
+  return t2v, v2t
+
+
+def _ranks(top_sim, extra, is_gt, gt_sim, vtc_rank) -> np.ndarray:
+  """Re-ranked 1-based ranks [Nq] from the top-k ([Nq, k] VTC similarities, pair scores and
+  ground-truth flags), each query's (best) ground-truth VTC similarity and VTC rank."""
+  new = top_sim.astype(np.float32) + extra.astype(np.float32)
+  inside = is_gt.any(axis=1)
+  best_new = np.max(np.where(is_gt, new, -np.inf), axis=1)
+  # Inside the top-k: its place among the re-scored candidates. Outside: below all k of them,
+  # then the VTC order (the candidates outside the top-k more similar than the ground truth).
+  rank_in = 1 + np.sum(new > best_new[:, None], axis=1)
+  outside_above = vtc_rank - 1 - np.sum(top_sim > gt_sim[:, None], axis=1)
+  rank_out = 1 + top_sim.shape[1] + outside_above
+  return np.where(inside, rank_in, rank_out).astype(np.int32)
+
+
+def reranked_metrics(scan: dict, pair_score: PairScore, chunk_rows: int) -> dict[str, float]:
+  """`retrieval_metrics` keys after VTM re-ranking of the top-k in both directions.
+
+  Args:
+    scan: `blockwise.scan(text, video, text_to_video, ..., k=k)`.
+    pair_score, chunk_rows: as `reranked_ranks`.
+  """
+  t2v, v2t = reranked_ranks(scan, pair_score, chunk_rows)
+  return metrics_from_ranks(t2v, v2t, scan["has_text"])

@@ -3,7 +3,8 @@
 `config.evals.<name> = dict(type="retrieval", split=..., every=..., rerank_k=K)`: with K > 0
 the top-k of every query (both directions) are re-ranked by VTC similarity + VTM positive logit
 (ALPRO's evaluation); `retrieval/...` then holds the re-ranked metrics and `retrieval_vtc/...`
-the VTC-only ones.
+the VTC-only ones. Ranks and candidates come block by block (eval/blockwise.py), so no
+[N, N] similarity matrix is formed at any size.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vlp_jax.eval import dual_encoder, features, rerank
+from vlp_jax.eval import blockwise, dual_encoder, features, rerank
 from vlp_jax.eval import retrieval as retrieval_lib
 from vlp_jax.models import layers
 from vlp_jax.models.alpro import ALPRO
@@ -95,9 +96,11 @@ class RetrievalEvaluator:
                              if n in ("video", "text", "probe", "has_probe")}, keep, mesh)
     else:
       feats = features.collect(self._embed, params, batches, mesh, rules)
-    sim = features.similarity(feats["text"], feats["video"], mesh, rules)
-    gt = np.arange(sim.shape[0])
-    vtc = retrieval_lib.retrieval_metrics(sim, gt)
+    gt = np.arange(feats["text"].shape[0])
+    # Block by block (eval/blockwise.py): the [N, N] matrix is never formed; with re-ranking
+    # the scan also keeps every query's top-k candidates.
+    scan = blockwise.scan(feats["text"], feats["video"], gt, mesh, rules, k=k)
+    vtc = retrieval_lib.metrics_from_ranks(scan["t2v"], scan["v2t"], scan["has_text"])
     if k > 0:
       keep_d = jnp.asarray(keep, jnp.int32)
 
@@ -111,11 +114,11 @@ class RetrievalEvaluator:
       # About `pairs_per_call` fused pairs per call, evenly split over the batch shards.
       chunk = rerank.rows_per_chunk(self.pairs_per_call, k, features.batch_shards(mesh, rules))
       out = {f"retrieval/{n}": v
-             for n, v in rerank.reranked_metrics(sim, gt, k, pair_score, chunk).items()}
+             for n, v in rerank.reranked_metrics(scan, pair_score, chunk).items()}
       out.update({f"retrieval_vtc/{n}": v for n, v in vtc.items()})
     else:
       out = {f"retrieval/{n}": v for n, v in vtc.items()}
     acc = dual_encoder.contrast_accuracy(feats)
     if acc is not None:
       out["retrieval/contrast_acc"] = acc
-    return out, dual_encoder.report_arrays(sim, gt)
+    return out, dual_encoder.report_arrays(feats, scan)
