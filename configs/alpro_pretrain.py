@@ -91,6 +91,9 @@ def base() -> ml_collections.ConfigDict:
   c.model.attention = "xla"             # xla | cudnn
   c.model.dtype = "float32"             # compute dtype; params stay float32
   c.model.remat = "none"                # none | full | dots | dots_no_batch
+  # One nn.scan over each encoder's identical layers (params stacked on a leading axis):
+  # compile time stops growing with depth. Imports/exports convert to transformers' layout.
+  c.model.scan_layers = False
 
   # Initial weights (applied after the fresh init, before any resume from WORKDIR's own
   # checkpoints). `checkpoint`: another run's WORKDIR, its params copied where names and shapes

@@ -23,7 +23,7 @@ import numpy as np
 from absl import logging
 
 from vlp_jax.convert import hf_io
-from vlp_jax.convert import layout
+from vlp_jax.convert import layout, stacked
 from vlp_jax.models import bert as bert_lib
 from vlp_jax.models.alpro import ALPROConfig, TextConfig
 
@@ -220,7 +220,8 @@ def init_alpro_text(params: Mapping, path: str, model_cfg: ALPROConfig) -> dict:
   _check_sizes(config, text, path)
   src = hf_io.TensorSource(tensors, path)
   prefix = find_prefix(src)
-  out = hf_io.to_mutable(params)
+  like = params  # scanned layers are filled one layer at a time, then stacked back
+  out = stacked.unstack(hf_io.to_mutable(params))
   _import_embeddings(src, prefix, out, ("text_encoder",))
   for i in range(text.layers):
     part = "text_encoder" if i < text.fusion_layer else "fusion_encoder"
@@ -232,7 +233,7 @@ def init_alpro_text(params: Mapping, path: str, model_cfg: ALPROConfig) -> dict:
   unused = src.unused()
   if unused:
     logging.info("init.text: %d checkpoint tensors unused: %s", len(unused), ", ".join(unused))
-  return out
+  return stacked.stack_like(out, like)
 
 
 def hf_config(text: TextConfig, pad_token_id: int = 0) -> dict:

@@ -29,7 +29,7 @@ from absl import logging
 import ml_collections
 
 from vlp_jax.convert import bert as bert_conv
-from vlp_jax.convert import hf, hf_io
+from vlp_jax.convert import hf, hf_io, stacked
 from vlp_jax.convert import timesformer as tsf_conv
 from vlp_jax.core import init as init_lib
 from vlp_jax.core import task as task_lib
@@ -99,6 +99,8 @@ def export_transformers(params: Mapping, model_cfg: ALPROConfig, out_dir: str,
   Returns:
     {"bert": dir, "timesformer": dir, "heads": file}.
   """
+  # One entry per layer (transformers' layout), whether or not the run scanned its layers.
+  params = stacked.unstack(params)
   bert_dir = os.path.join(out_dir, "bert")
   pad = tokenizer.pad_token_id if tokenizer is not None else 0
   config, tensors = bert_conv.export_alpro_text(params, model_cfg.text, pad)
@@ -151,6 +153,9 @@ def export_artifact(params: Mapping, model_cfg: ALPROConfig, out_dir: str, *, nu
     out_dir.
   """
   os.makedirs(out_dir, exist_ok=True)
+  # The artifact's weights are one file entry per layer, whatever the run trained with.
+  params = stacked.unstack(params)
+  model_cfg = dataclasses.replace(model_cfg, scan_layers=False)
   b = jax.export.symbolic_shape("b")[0]
   inputs = {
       "encode_video": (jax.ShapeDtypeStruct((b, num_frames, image_size, image_size, 3),

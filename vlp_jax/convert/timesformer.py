@@ -32,7 +32,7 @@ import numpy as np
 from absl import logging
 
 from vlp_jax.convert import hf_io
-from vlp_jax.convert import layout
+from vlp_jax.convert import layout, stacked
 from vlp_jax.models import timesformer as tsf_lib
 from vlp_jax.models.alpro import ALPROConfig, VideoConfig
 
@@ -324,12 +324,13 @@ def init_alpro_video(params: Mapping, path: str, model_cfg: ALPROConfig) -> dict
   """
   config, tensors = hf_io.load_pretrained(path)
   src = hf_io.TensorSource(tensors, path)
-  out = hf_io.to_mutable(params)
+  like = params  # scanned layers are filled one layer at a time, then stacked back
+  out = stacked.unstack(hf_io.to_mutable(params))
   fill_video_params(src, config, model_cfg.video, out, ("video_encoder",))
   unused = src.unused()
   if unused:
     logging.info("init.video: %d checkpoint tensors unused: %s", len(unused), ", ".join(unused))
-  return out
+  return stacked.stack_like(out, like)
 
 
 def hf_config(cfg: VideoConfig, num_frames: int | None = None) -> dict:

@@ -25,6 +25,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import traverse_util
 
+from vlp_jax.convert import stacked
 from vlp_jax.core import checkpoint as ckpt_lib
 from vlp_jax.parallel import sharding as shd
 
@@ -107,6 +108,10 @@ def load_run_params(workdir: str, init_params: Callable[[jax.Array], Any], mesh,
   return _restore(workdir, step, {collection: target})[collection], shardings
 
 
+def _scanned(shapes: dict[tuple, tuple]) -> bool:
+  return stacked.is_stacked(traverse_util.unflatten_dict({k: 0 for k in shapes}))
+
+
 def copy_matching(params: dict, shardings: dict, workdir: str, step: int = -1) -> dict:
   """`params` ({collection: tree}) with every leaf whose collection, path and shape exist in the
   run's checkpoint replaced.
@@ -115,6 +120,12 @@ def copy_matching(params: dict, shardings: dict, workdir: str, step: int = -1) -
   are logged too. A leaf present in both with different shapes is an error.
   """
   step, shapes = checkpoint_param_shapes(workdir, step)
+  theirs, ours = _scanned(shapes), stacked.is_stacked(params)
+  if theirs != ours:
+    raise ValueError(f"init.checkpoint: {workdir!r} was trained with model.scan_layers={theirs} "
+                     f"but this model has model.scan_layers={ours}; set "
+                     f"--config.model.scan_layers={theirs} (the layouts differ: stacked layers "
+                     "vs one entry per layer)")
   flat = traverse_util.flatten_dict(params)
   flat_shd = traverse_util.flatten_dict(shardings)
   target, fresh = {}, []

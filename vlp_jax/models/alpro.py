@@ -119,6 +119,7 @@ class ALPROConfig:
   attention: str = "xla"
   dtype: str = "float32"
   remat: str = "none"
+  scan_layers: bool = False  # nn.scan over each encoder's layers (stacked params)
   num_entities: int = 0  # K of the PEM head; 0 = no PEM head
   num_answers: int = 0  # K of the video-QA head (answer vocabulary); 0 = no QA head
 
@@ -139,6 +140,8 @@ class ALPROConfig:
            f"model.dtype must be one of {tuple(layers.DTYPES)}, got {self.dtype!r}")
     _check(isinstance(self.num_entities, int) and self.num_entities >= 0,
            f"model.num_entities must be an int >= 0, got {self.num_entities!r}")
+    _check(isinstance(self.scan_layers, bool),
+           f"model.scan_layers must be True or False, got {self.scan_layers!r}")
     _check(self.remat in layers.REMAT_POLICIES,
            f"model.remat must be one of {tuple(layers.REMAT_POLICIES)}, got {self.remat!r}")
     # cuDNN flash attention has no float32 kernel.
@@ -280,9 +283,11 @@ class ALPRO(nn.Module):
   def setup(self):
     c = self.config
     dtype = layers.compute_dtype(c.dtype)
-    self.video_encoder = timesformer.TimesformerModel(c.video, dtype, c.attention, c.remat)
-    self.text_encoder = bert.BertTextEncoder(c.text, dtype, c.attention, c.remat)
-    self.fusion_encoder = bert.BertFusionEncoder(c.text, dtype, c.attention, c.remat)
+    scan = c.scan_layers
+    self.video_encoder = timesformer.TimesformerModel(c.video, dtype, c.attention, c.remat,
+                                                      scan=scan)
+    self.text_encoder = bert.BertTextEncoder(c.text, dtype, c.attention, c.remat, scan=scan)
+    self.fusion_encoder = bert.BertFusionEncoder(c.text, dtype, c.attention, c.remat, scan)
     # Heads feeding losses run in float32: they are tiny and their outputs go into
     # softmax / cross-entropy.
     self.vision_proj = layers.dense(c.embed_dim, ("embed", None), dtype=jnp.float32)

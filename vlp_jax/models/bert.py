@@ -15,6 +15,8 @@ self-attention only. Layer indices are global in both halves so names match Hugg
 """
 from __future__ import annotations
 
+import functools
+
 from typing import Any
 
 import flax.linen as nn
@@ -118,23 +120,23 @@ class BertLayer(nn.Module):
 
 
 class BertLayerStack(nn.Module):
-  """Layers `layer_{start} .. layer_{end-1}` (global indices), optionally rematerialised."""
+  """Layers `layer_{start} .. layer_{end-1}` (global indices), optionally rematerialised, or
+  one scanned block over them (`scan`, see `layers.layer_stack`)."""
   config: Any
   start: int
   end: int
   dtype: Any = jnp.float32
   attention: str = "xla"
   remat: str = "none"
+  scan: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, key_mask: jax.Array, deterministic: bool = True):
     """x `[B, L, D]`, key_mask `[B, L]` -> `[B, L, D]`."""
     # static_argnums=(3,): (self, x, key_mask, deterministic).
     block = layers.remat_block(BertLayer, self.remat, static_argnums=(3,))
-    for i in range(self.start, self.end):
-      x = block(self.config, self.dtype, self.attention, name=f"layer_{i}")(x, key_mask,
-                                                                            deterministic)
-    return x
+    make = functools.partial(block, self.config, self.dtype, self.attention)
+    return layers.layer_stack(make, self.start, self.end, self.scan, deterministic, x, key_mask)
 
 
 class BertTextEncoder(nn.Module):
@@ -155,11 +157,13 @@ class BertTextEncoder(nn.Module):
   attention: str = "xla"
   remat: str = "none"
   num_layers: int | None = None
+  scan: bool = False
 
   def setup(self):
     self.embeddings = BertEmbeddings(self.config, self.dtype)
     n = self.config.fusion_layer if self.num_layers is None else self.num_layers
-    self.encoder = BertLayerStack(self.config, 0, n, self.dtype, self.attention, self.remat)
+    self.encoder = BertLayerStack(self.config, 0, n, self.dtype, self.attention, self.remat,
+                                  self.scan)
 
   def __call__(self, input_ids: jax.Array, mask: jax.Array, deterministic: bool = True):
     """input_ids int `[B, L]`, mask int/bool `[B, L]` (1 = token) -> `[B, L, D]` in `dtype`."""
@@ -177,10 +181,11 @@ class BertFusionEncoder(nn.Module):
   dtype: Any = jnp.float32
   attention: str = "xla"
   remat: str = "none"
+  scan: bool = False
 
   def setup(self):
     self.encoder = BertLayerStack(self.config, self.config.fusion_layer, self.config.layers,
-                                  self.dtype, self.attention, self.remat)
+                                  self.dtype, self.attention, self.remat, self.scan)
 
   def __call__(self, text_tokens: jax.Array, text_mask: jax.Array, video_tokens: jax.Array,
                deterministic: bool = True) -> jax.Array:

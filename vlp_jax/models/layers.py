@@ -19,7 +19,7 @@ Initializer = Callable[..., Any]
 
 # Logical axis names models/ may use on parameters and activations.
 LOGICAL_AXES = ("batch", "frames", "length", "embed", "heads", "kv", "mlp", "vocab",
-                "entities", "classes", "prompts")
+                "entities", "classes", "prompts", "layers")
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 ATTENTION_IMPLS = ("xla", "cudnn")
@@ -153,6 +153,52 @@ def remat_block(block_cls: type[nn.Module], remat: str,
   if remat == "none":
     return block_cls
   return nn.remat(block_cls, policy=REMAT_POLICIES[remat], static_argnums=tuple(static_argnums))
+
+
+def stacked_name(start: int) -> str:
+  """The module name of scanned layers `start, start+1, ...` (convert/stacked.py reads it)."""
+  return f"layers_from_{start}"
+
+
+class _ScanBody(nn.Module):
+  """One scan iteration: `make(name="layer")` applied to the carry and the broadcast args."""
+  make: Callable[..., nn.Module]
+  deterministic: bool
+  tuple_carry: bool
+
+  @nn.compact
+  def __call__(self, carry, *args):
+    block = self.make(name="layer")
+    if self.tuple_carry:
+      return block(*carry, *args, self.deterministic), None
+    return block(carry, *args, self.deterministic), None
+
+
+def layer_stack(make: Callable[..., nn.Module], start: int, end: int, scan: bool,
+                deterministic: bool, carry, *args, tuple_carry: bool = False):
+  """Runs layers `start .. end-1`, each `make(name=...)(*carry, *args, deterministic)`.
+
+  Args:
+    make: builds one (possibly rematerialised) block given its `name`.
+    scan: False: a Python loop, params `layer_{i}` (the Hugging Face layout). True: `nn.scan`
+      over one block, params stacked on a leading `[end - start]` axis (logical name
+      `layers`) under `layers_from_{start}/layer`; compile time no longer grows with depth.
+      `vlp_jax/convert/stacked.py` converts between the two.
+    carry: the hidden state (a tuple when `tuple_carry`); args: the same for every layer.
+  Returns:
+    The last layer's output (same structure as `carry`).
+  """
+  if not scan:
+    for i in range(start, end):
+      out = make(name=f"layer_{i}")
+      carry = out(*carry, *args, deterministic) if tuple_carry else out(carry, *args,
+                                                                        deterministic)
+    return carry
+  scanned = nn.scan(_ScanBody, variable_axes={"params": 0},
+                    split_rngs={"params": True, "dropout": True}, in_axes=nn.broadcast,
+                    length=end - start, metadata_params={nn.PARTITION_NAME: "layers"})
+  carry, _ = scanned(make, deterministic, tuple_carry, name=stacked_name(start))(carry, *args)
+  return carry
 
 
 def attention_mask(key_mask: jax.Array, query_len: int, attention: str) -> jax.Array:

@@ -17,6 +17,8 @@ Tokens are carried as a CLS `[B, D]` plus patches `[B, T, N, D]` (frame-major).
 """
 from __future__ import annotations
 
+import functools
+
 from typing import Any
 
 import flax.linen as nn
@@ -175,21 +177,22 @@ class TimesformerLayer(nn.Module):
 
 
 class TimesformerEncoder(nn.Module):
-  """The stack `layer_0 .. layer_{L-1}`, each optionally rematerialised."""
+  """The stack `layer_0 .. layer_{L-1}`, each optionally rematerialised, or one scanned block
+  over them (`scan`, see `layers.layer_stack`)."""
   config: Any
   dtype: Any = jnp.float32
   attention: str = "xla"
   remat: str = "none"
+  scan: bool = False
 
   @nn.compact
   def __call__(self, cls: jax.Array, patches: jax.Array, deterministic: bool = True):
     """cls `[B, D]`, patches `[B, T, N, D]` -> same shapes."""
     # static_argnums=(3,): (self, cls, patches, deterministic).
     block = layers.remat_block(TimesformerLayer, self.remat, static_argnums=(3,))
-    for i in range(self.config.layers):
-      cls, patches = block(self.config, self.dtype, self.attention, name=f"layer_{i}")(
-          cls, patches, deterministic)
-    return cls, patches
+    make = functools.partial(block, self.config, self.dtype, self.attention)
+    return layers.layer_stack(make, 0, self.config.layers, self.scan, deterministic,
+                              (cls, patches), tuple_carry=True)
 
 
 class TimesformerModel(nn.Module):
@@ -201,6 +204,7 @@ class TimesformerModel(nn.Module):
     dtype: compute dtype (params are float32).
     attention: "xla" | "cudnn".
     remat: "none" | "full" | "dots" | "dots_no_batch".
+    scan: one `nn.scan`ned layer with stacked params instead of `layer_{i}` (`model.scan_layers`).
     pool: True: ALPRO's output (CLS + temporal patch mean). False: every token, as HF
       `TimesformerModel.last_hidden_state` (used to check imported checkpoints).
   """
@@ -209,6 +213,7 @@ class TimesformerModel(nn.Module):
   attention: str = "xla"
   remat: str = "none"
   pool: bool = True
+  scan: bool = False
 
   @nn.compact
   def __call__(self, video: jax.Array, deterministic: bool = True) -> jax.Array:
@@ -231,7 +236,7 @@ class TimesformerModel(nn.Module):
       # Frames are independent clips of one frame; pooled over time at the end.
       video = video.reshape(b * t, 1, *video.shape[2:])
     cls, patches = TimesformerEmbeddings(cfg, self.dtype, name="embeddings")(video, deterministic)
-    cls, patches = TimesformerEncoder(cfg, self.dtype, self.attention, self.remat,
+    cls, patches = TimesformerEncoder(cfg, self.dtype, self.attention, self.remat, self.scan,
                                       name="encoder")(cls, patches, deterministic)
     ln = layers.layer_norm(cfg.layer_norm_eps, self.dtype, name="layernorm")
     cls, patches = ln(cls), ln(patches)
