@@ -36,7 +36,7 @@ from launch import common
 FLAGS = flags.FLAGS
 common.define_config_flag()
 common.define_distributed_flags()
-flags.DEFINE_integer("steps", 10, "Timed steps.")
+flags.DEFINE_integer("steps", 10, "Timed steps (0: compile only, e.g. compile time vs depth).")
 flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 flags.DEFINE_enum("compare", "", ["", "torch"], "torch: also time the PyTorch eager "
                   "reference of ALPRO's VTC step (HF TimeSformer + BERT, AdamW) at the same "

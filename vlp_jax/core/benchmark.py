@@ -104,7 +104,7 @@ def run(config, steps: int = 10, warmup: int = 2, devices=None) -> dict:
     compiled_bytes = _compiled_memory(compiled)
     state = trainer.state
     times = []
-    for i in range(warmup + steps):
+    for i in range(warmup + steps if steps else 0):  # steps=0: compile only
       t0 = time.perf_counter()
       state, metrics = step(state, batches)
       jax.block_until_ready((state, metrics))
@@ -112,22 +112,29 @@ def run(config, steps: int = 10, warmup: int = 2, devices=None) -> dict:
         times.append(time.perf_counter() - t0)
     trainer.checkpointer.close()
   mesh_devices = list(trainer.mesh.devices.flat)
-  flops = device_flops * len(mesh_devices) if device_flops else None
-  stats = [d.memory_stats() or {} for d in mesh_devices if hasattr(d, "memory_stats")]
-  peaks = [s.get("peak_bytes_in_use") for s in stats if s.get("peak_bytes_in_use")]
-  median = statistics.median(times)
-  peak, peak_source = peak_flops(mesh_devices[0])
-  achieved = flops / median if flops else None
-  total_peak = peak * len(mesh_devices) if peak else None
   batch = int(config.batch_size)
   analytic = trainer.task.analytic_flops(batch)
+  flops = device_flops * len(mesh_devices) if device_flops else None
+  flops_source = "xla cost analysis"
+  if config.model.get("scan_layers", False) and analytic:
+    # XLA's cost analysis counts a while loop's body once, i.e. one layer of each scan.
+    flops, flops_source = analytic, "analytic (scan_layers: XLA counts one loop iteration)"
+  stats = [d.memory_stats() or {} for d in mesh_devices if hasattr(d, "memory_stats")]
+  peaks = [s.get("peak_bytes_in_use") for s in stats if s.get("peak_bytes_in_use")]
+  median = statistics.median(times) if times else None
+  peak, peak_source = peak_flops(mesh_devices[0])
+  achieved = flops / median if flops and median else None
+  total_peak = peak * len(mesh_devices) if peak else None
   return {
       "config_task": config.task,
-      "step_time_s": median, "step_time_min_s": min(times), "step_time_max_s": max(times),
-      "examples_per_s": batch / median, "batch_size": batch, "compile_s": compile_s,
-      "flops_per_step": flops,
+      "step_time_s": median, "step_time_min_s": min(times, default=None),
+      "step_time_max_s": max(times, default=None),
+      "examples_per_s": batch / median if median else None, "batch_size": batch,
+      "compile_s": compile_s,
+      "flops_per_step": flops, "flops_source": flops_source,
       "flops_per_step_analytic": analytic,
-      "flops_analytic_over_xla": analytic / flops if analytic and flops else None,
+      "flops_analytic_over_xla": (analytic / flops if analytic and flops
+                                  and flops_source == "xla cost analysis" else None),
       "tflops_per_s": achieved / 1e12 if achieved else None,
       "mfu": achieved / total_peak if achieved and total_peak else None,
       "peak_flops_per_device": peak, "peak_flops_source": peak_source,
@@ -135,7 +142,8 @@ def run(config, steps: int = 10, warmup: int = 2, devices=None) -> dict:
       "compiled_memory_bytes": compiled_bytes,
       "devices": len(mesh_devices), "platform": mesh_devices[0].platform,
       "device_kind": mesh_devices[0].device_kind, "steps": steps,
-      "loss_finite": bool(np.isfinite(float(jax.device_get(metrics["loss"])))),
+      "loss_finite": (bool(np.isfinite(float(jax.device_get(metrics["loss"])))) if times
+                      else None),
   }
 
 
