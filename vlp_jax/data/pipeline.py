@@ -13,8 +13,10 @@ one would.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
+import threading
 from typing import Any
 
 import numpy as np
@@ -160,6 +162,10 @@ class Loader:
     self.vocab_size = len(tokenizer)
     self.mask_id = tokenizer.mask_token_id
     self._seeds = _seeds(self.seed, self.process_index)
+    # The tf.data map's own copy: transformers' fast tokenizers must not be used from two
+    # threads at once (eval batches are tokenised on the main thread meanwhile).
+    self._pipeline_tokenizer = copy.deepcopy(tokenizer)
+    self._tokenizer_lock = threading.Lock()
     self._extra_captions = (self._caption_table(extra_captions)
                             if extra_captions and self.training and not self.qa else None)
     self._iterator = iter(self._dataset(self._source(data_dir)))
@@ -264,10 +270,34 @@ class Loader:
       ds = ds.flat_map(self._per_question)
     ds = ds.ignore_errors(log_warning=True)  # last defence: a JPEG that passed the checks
     ds = ds.batch(self.batch_size, drop_remainder=self.training)
+    # Tokenisation and MLM masking inside tf.data: off the training thread, prefetched with
+    # the frames, and part of the iterator checkpoint (exact resume positions).
+    ds = ds.enumerate().map(self._tokenize_batch, num_parallel_calls=npc, deterministic=True)
     ds = ds.prefetch(int(cfg.prefetch))
     options = tf.data.Options()
     options.deterministic = True
     return ds.with_options(options)
+
+  def _tokenize_batch(self, index, b):
+    """Adds `text_ids`, `text_mask`, `mlm_ids`, `mlm_labels` int32 [b, L] to a batch; the MLM
+    draw is seeded by (seed, process, batch index), so it is the same after a resume."""
+    def tokenize(captions, sentinel, index):
+      with self._tokenizer_lock:  # one tokenizer per loader, used by one thread at a time
+        ids, mask = text.tokenize(self._pipeline_tokenizer,
+                                  [c.decode("utf-8", "replace") for c in captions],
+                                  self.max_text_len)
+      rng = np.random.default_rng([self.seed, self.process_index, int(index), 0x313])
+      mlm_ids, labels = text.mlm_mask(ids, mask, rng, vocab_size=self.vocab_size,
+                                      mask_id=self.mask_id, special_ids=self.special_ids,
+                                      prob=float(self.cfg.mlm_prob))
+      labels[sentinel] = text.IGNORE_LABEL
+      return [np.asarray(x, np.int32) for x in (ids, mask, mlm_ids, labels)]
+    out = tf.numpy_function(tokenize, [b["caption"], b["sentinel"], index], [tf.int32] * 4,
+                            stateful=False)
+    names = ("text_ids", "text_mask", "mlm_ids", "mlm_labels")
+    for x in out:
+      x.set_shape([None, self.max_text_len])
+    return dict(b, **dict(zip(names, out)))
 
   def _not_excluded(self):
     """A tf.data predicate: the record's clip id is not in `exclude_ids`."""
@@ -417,25 +447,23 @@ class Loader:
       raise StopIteration
     video = b["video"].numpy()
     video_id = b["video_id"].numpy()
-    captions = [c.decode("utf-8", "replace") for c in b["caption"].numpy()]
     valid = ~sentinel
     pad = self.batch_size - len(valid)
     if pad > 0:
       video = np.concatenate([video, np.zeros((pad,) + video.shape[1:], video.dtype)])
       video_id = np.concatenate([video_id, np.full(pad, b"", object)])
-      captions += [""] * pad
       valid = np.concatenate([valid, np.zeros(pad, bool)])
     video[~valid] = 0.0  # the end marker row looks like padding
     video_id = np.asarray([v if ok else b"" for v, ok in zip(video_id, valid)], object)
-    ids, mask = text.tokenize(self.tokenizer, captions, self.max_text_len)
-    rng = np.random.default_rng([self.seed, self.process_index, self.step, 0x313])
-    mlm_ids, labels = text.mlm_mask(ids, mask, rng, vocab_size=self.vocab_size,
-                                    mask_id=self.mask_id, special_ids=self.special_ids,
-                                    prob=float(self.cfg.mlm_prob))
-    labels[~valid] = text.IGNORE_LABEL
+    tokens = {k: b[k].numpy() for k in ("text_ids", "text_mask", "mlm_ids", "mlm_labels")}
+    if pad > 0:  # padding rows: the empty caption, no MLM labels
+      empty_ids, empty_mask = text.tokenize(self.tokenizer, [""], self.max_text_len)
+      fill = {"text_ids": empty_ids, "text_mask": empty_mask, "mlm_ids": empty_ids,
+              "mlm_labels": np.full_like(empty_ids, text.IGNORE_LABEL)}
+      tokens = {k: np.concatenate([v, np.repeat(fill[k], pad, axis=0)]) for k, v in
+                tokens.items()}
     self.step += 1
-    batch = dict(video=video, text_ids=ids, text_mask=mask, mlm_ids=mlm_ids, mlm_labels=labels,
-                 valid=valid, video_id=video_id)
+    batch = dict(video=video, valid=valid, video_id=video_id, **tokens)
     if self.qa:
       answer = np.concatenate([b["answer"].numpy(), np.full(pad, b"", object)])
       idx = answers_lib.indices(answer, self.answer_index)
