@@ -82,6 +82,20 @@ def test_scanned_gradients_equal_the_layer_loop():
     np.testing.assert_allclose(flat_scan[k], v, rtol=1e-4, atol=1e-6, err_msg="/".join(k))
 
 
+def test_weight_decay_mask_ignores_the_layer_axis():
+  from vlp_jax.core import optim
+  _, plain = _init(CFG)
+  _, scanned = _init(dataclasses.replace(CFG, scan_layers=True))
+  mask = optim.decay_mask(scanned)
+  assert not mask["video_encoder"]["encoder"]["layers_from_0"]["layer"]["output"]["dense"][
+      "bias"]  # [layers, D]: a bias
+  want = traverse_util.flatten_dict(optim.decay_mask(plain))
+  got = traverse_util.flatten_dict(stacked.unstack(
+      jax.tree.map(lambda m, p: np.full(p.shape[:1], m), mask, scanned)))
+  assert want.keys() == got.keys()
+  assert all(bool(np.all(got[k])) == v and bool(np.all(got[k] == v)) for k, v in want.items())
+
+
 def test_init_checkpoint_refuses_another_layer_layout(monkeypatch):
   _, plain = _init(CFG)
   _, scanned = _init(dataclasses.replace(CFG, scan_layers=True))

@@ -38,9 +38,13 @@ def decay_mask(params: Any) -> Any:
   """True for weights that get weight decay: matrices and embeddings.
 
   Biases, LayerNorm scales/offsets (1-d) and scalars such as the contrastive temperature
-  (0-d) are not decayed.
+  (0-d) are not decayed. Scanned layers (`model.scan_layers`, under `layers_from_*`) carry one
+  more leading axis, which does not count.
   """
-  return jax.tree.map(lambda p: p.ndim >= 2, params)
+  def decayed(path, p):
+    stacked = any(part.startswith("layers_from_") for part in path_name(path).split("/"))
+    return p.ndim - int(stacked) >= 2
+  return jax.tree_util.tree_map_with_path(decayed, params)
 
 
 def path_name(path) -> str:
