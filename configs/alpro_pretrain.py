@@ -123,7 +123,10 @@ def base() -> ml_collections.ConfigDict:
   c.optim.grad_accum = 1
   c.optim.model = ml_collections.ConfigDict(dict(
       lr=1e-4, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.01, warmup_frac=0.05, end_lr_frac=0.0,
-      clip_norm=20.0, frozen="", lr_mult=()))
+      clip_norm=20.0, frozen="", lr_mult=(),
+      # As ALPRO's TimeSformer (timm's no_weight_decay): no decay on the CLS token and the
+      # position / time embeddings.
+      no_decay=r"video_encoder/embeddings/(cls_token|position_embeddings|time_embeddings)"))
 
   c.batch_size = 256                    # global, over all processes
   c.num_steps = 100_000

@@ -82,7 +82,7 @@ def test_scanned_gradients_equal_the_layer_loop():
     np.testing.assert_allclose(flat_scan[k], v, rtol=1e-4, atol=1e-6, err_msg="/".join(k))
 
 
-def test_weight_decay_mask_ignores_the_layer_axis():
+def test_weight_decay_mask_ignores_the_layer_axis_and_skips_video_embeddings():
   from vlp_jax.core import optim
   _, plain = _init(CFG)
   _, scanned = _init(dataclasses.replace(CFG, scan_layers=True))
@@ -94,6 +94,15 @@ def test_weight_decay_mask_ignores_the_layer_axis():
       jax.tree.map(lambda m, p: np.full(p.shape[:1], m), mask, scanned)))
   assert want.keys() == got.keys()
   assert all(bool(np.all(got[k])) == v and bool(np.all(got[k] == v)) for k, v in want.items())
+  # ALPRO's default: TimeSformer's CLS token, position and time embeddings are not decayed
+  # (BERT's position embeddings are).
+  from configs import alpro_pretrain
+  no_decay = alpro_pretrain.get_config("tiny").optim.model.no_decay
+  emb = optim.decay_mask(plain, no_decay)
+  assert not any(emb["video_encoder"]["embeddings"][k]
+                 for k in ("cls_token", "position_embeddings", "time_embeddings"))
+  assert emb["video_encoder"]["embeddings"]["patch_embeddings"]["projection"]["kernel"]
+  assert emb["text_encoder"]["embeddings"]["position_embeddings"]["embedding"]
 
 
 def test_init_checkpoint_refuses_another_layer_layout(monkeypatch):

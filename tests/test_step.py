@@ -79,6 +79,8 @@ def test_decay_mask_and_schedule():
   params = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones((2,)), "temp": jnp.ones(()),
             "emb": jnp.ones((5, 2))}
   assert optim.decay_mask(params) == {"kernel": True, "bias": False, "temp": False, "emb": True}
+  assert optim.decay_mask(params, no_decay="em.") == {"kernel": True, "bias": False,
+                                                       "temp": False, "emb": False}
   cfg = dict(lr=1.0, warmup_frac=0.1, end_lr_frac=0.0)
   s = optim.schedule(cfg, 100)
   assert float(s(0)) == 0.0 and float(s(5)) == pytest.approx(0.5)

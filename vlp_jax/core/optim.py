@@ -3,6 +3,8 @@
 Settings of a collection (configs/alpro_pretrain.py has the defaults):
   lr, warmup_frac, end_lr_frac   linear warm-up from 0, then linear decay to lr * end_lr_frac
   b1, b2, eps, weight_decay      AdamW; biases, LayerNorm parameters and scalars are not decayed
+  no_decay                       regex (re.fullmatch on the parameter path) of further leaves
+                                 without weight decay ("" = none), e.g. position embeddings
   clip_norm                      global-norm clipping over the collection's trained leaves
                                  (0 = off)
   frozen                         regex (re.fullmatch on the "/"-joined parameter path, e.g.
@@ -13,6 +15,7 @@ Settings of a collection (configs/alpro_pretrain.py has the defaults):
 """
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 from collections.abc import Mapping
@@ -34,15 +37,21 @@ def schedule(optim_cfg: Mapping[str, Any], num_steps: int) -> optax.Schedule:
        optax.linear_schedule(lr, end, decay_steps)], [warmup])
 
 
-def decay_mask(params: Any) -> Any:
+def decay_mask(params: Any, no_decay: str = "") -> Any:
   """True for weights that get weight decay: matrices and embeddings.
 
   Biases, LayerNorm scales/offsets (1-d) and scalars such as the contrastive temperature
-  (0-d) are not decayed. Scanned layers (`model.scan_layers`, under `layers_from_*`) carry one
-  more leading axis, which does not count.
+  (0-d) are not decayed, nor are leaves whose path fully matches the regex `no_decay`.
+  Scanned layers (`model.scan_layers`, under `layers_from_*`) carry one more leading axis,
+  which does not count.
   """
+  rx = _compile(no_decay, "optim no_decay") if no_decay else None
+
   def decayed(path, p):
-    stacked = any(part.startswith("layers_from_") for part in path_name(path).split("/"))
+    name = path_name(path)
+    if rx is not None and rx.fullmatch(name):
+      return False
+    stacked = any(part.startswith("layers_from_") for part in name.split("/"))
     return p.ndim - int(stacked) >= 2
   return jax.tree_util.tree_map_with_path(decayed, params)
 
@@ -96,7 +105,9 @@ def make_optimizer(optim_cfg: Mapping[str, Any], num_steps: int, collection: str
     parts.append(optax.clip_by_global_norm(float(optim_cfg["clip_norm"])))
   parts.append(optax.adamw(sched, b1=float(optim_cfg["b1"]), b2=float(optim_cfg["b2"]),
                            eps=float(optim_cfg["eps"]),
-                           weight_decay=float(optim_cfg["weight_decay"]), mask=decay_mask))
+                           weight_decay=float(optim_cfg["weight_decay"]),
+                           mask=functools.partial(decay_mask,
+                                                  no_decay=str(optim_cfg.get("no_decay", "")))))
   rules = _lr_mult_rules(optim_cfg.get("lr_mult", ()), collection)
   if rules:
     parts.append(_scale_by_path(rules))
