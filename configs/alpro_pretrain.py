@@ -57,6 +57,10 @@ def base() -> ml_collections.ConfigDict:
   c.data.num_parallel_calls = -1        # -1 = tf.data.AUTOTUNE
   c.data.prefetch = 2
   c.data.extra_captions = ""            # launch.augment_captions side files, comma-separated
+  # Direction negatives in training batches: a `rate` share of each batch (<= 0.5) replaced by
+  # other rows' clips played backwards, their direction words swapped ("a>b,c:d"; "" = the
+  # synthetic corpus's left/right, up/down, grows/shrinks vocabulary). 0 = off (ALPRO).
+  c.data.reverse_twins = ml_collections.ConfigDict(dict(rate=0.0, swap=""))
   # Mixed video + image-text training (ALPRO: WebVid + CC3M, 50/50): each step is, with
   # probability `image_ratio`, a batch of still images (one-frame clips, repeated to
   # num_frames) from split `image_split` of `image_dir` ("" = the data dir). 0 = video only.
@@ -102,6 +106,10 @@ def base() -> ml_collections.ConfigDict:
   c.init = ml_collections.ConfigDict(dict(checkpoint="", step=-1, text="", video=""))
 
   c.loss = ml_collections.ConfigDict(dict(vtc=1.0, vtm=1.0, mlm=1.0, pem=1.0))
+  # VTM's negatives: uniformly random until `hard_from`, then sampled by VTC similarity with a
+  # sharpness rising linearly to ALPRO's over `ramp` (both fractions of num_steps). 0, 0 = hard
+  # from the start (ALPRO).
+  c.vtm_negatives = ml_collections.ConfigDict(dict(hard_from=0.0, ramp=0.0))
 
   # Prompting entity modelling (used when loss.pem > 0).
   c.pem = ml_collections.ConfigDict(dict(
@@ -112,6 +120,10 @@ def base() -> ml_collections.ConfigDict:
       entities="",             # one entity per line; "" = DATA_DIR/entities.txt
       num_entities=1000,       # K: the first K entities of the file
       threshold=0.2,           # drop labels whose top probability is below this
+      # How `threshold` is applied: "absolute" (ALPRO, meant for K = 1000): keep a label when
+      # its top probability >= threshold; "over_uniform": when top probability - 1/K >=
+      # threshold (for small K, where 1/K alone may pass an absolute threshold: K = 8 -> 0.125).
+      threshold_mode="absolute",
       area=(0.3, 0.5),         # region area, fraction of the frame
       aspect=(0.3, 1 / 0.3),   # region height / width
   ))

@@ -484,3 +484,53 @@ def test_a_tokenizer_directory_loads_offline_and_without_mask_token_skips_mlm(tm
       str(tmp_path / "nopad"))
   with pytest.raises(ValueError, match="no padding token"):
     tok_lib.load_tokenizer(str(tmp_path / "nopad"))
+
+
+def _swap_naive(caption: str) -> str:
+  table = dict(synthetic.REVERSED_WORDS)
+  return " ".join(table.get(w, w) for w in caption.split())
+
+
+def test_reversed_twin_vocabulary_names_the_opposite_motion():
+  """Every direction phrase of the synthetic corpus, rewritten, names the opposite motion."""
+  table = dict(synthetic.REVERSED_WORDS)
+  for motion, opposite in synthetic.OPPOSITE.items():
+    theirs = {w for p in sum(synthetic.MOTION_PHRASES[opposite], ()) for w in p.split()}
+    for phrase in sum(synthetic.MOTION_PHRASES[motion], ()):
+      rewritten = _swap_naive(phrase)
+      direction = {w for w in rewritten.split() if w in table}
+      assert direction and direction <= theirs, (phrase, rewritten)
+  got = pipeline.swap_words(tf.constant(["a red circle moves left and a square rises",
+                                         "the leftover ball stays still"]),
+                            synthetic.REVERSED_WORDS).numpy()
+  assert got.tolist() == [b"a red circle moves right and a square falls",
+                          b"the leftover ball stays still"]  # whole words only
+  assert pipeline.parse_swap("opens:closes, in>out") == (("opens", "closes"),
+                                                         ("closes", "opens"), ("in", "out"))
+  with pytest.raises(ValueError, match="reverse_twins.swap"):
+    pipeline.parse_swap("left-right")
+
+
+def test_reversed_twins_are_clips_played_backwards_with_the_opposite_caption(corpus, tok):
+  b, n = 8, 4
+  cfg = _data_cfg()
+  cfg.reverse_twins.rate = 0.5
+  plain, twins = _loader(corpus, tok, batch_size=b), _loader(corpus, tok, batch_size=b, cfg=cfg)
+  reversed_rows = 0
+  for _ in range(3):
+    x, y = next(plain), next(twins)
+    for k in ("video", "text_ids", "video_id"):  # the first B - n rows are untouched
+      np.testing.assert_array_equal(y[k][:b - n], x[k][:b - n])
+    for i in range(n):
+      j = b - n + i
+      caption = tok.decode(x["text_ids"][i], skip_special_tokens=True)
+      swapped = _swap_naive(caption)
+      if swapped == caption:  # no direction word: the row stays as it was
+        np.testing.assert_array_equal(y["video"][j], x["video"][j])
+        continue
+      reversed_rows += 1
+      np.testing.assert_array_equal(y["video"][j], x["video"][i][::-1])
+      want_ids, _ = text.tokenize(tok, [swapped], LEN)
+      np.testing.assert_array_equal(y["text_ids"][j], want_ids[0])
+      assert y["video_id"][j] == x["video_id"][i] + b"#reversed"
+  assert reversed_rows >= 3

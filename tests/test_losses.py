@@ -135,17 +135,23 @@ def _masked_softmax(logits, axis):
   return p / p.sum(axis=axis, keepdims=True)
 
 
-def test_hard_negatives_follow_masked_softmax():
+@pytest.mark.parametrize("sharpness", [1.0, 0.5, 0.0])
+def test_hard_negatives_follow_masked_softmax(sharpness):
+  """At sharpness s the negatives follow softmax(s * logits) without the positive: ALPRO's at
+  1, a tempered softmax in between, uniform at 0 (config.vtm_negatives' schedule)."""
   b, n = 5, 20000
   rng = np.random.default_rng(3)
   logits = (1.5 * rng.normal(size=(b, b))).astype(np.float32)
-  p_t2v = _masked_softmax(logits, axis=1)  # [text, video]
-  p_v2t = _masked_softmax(logits, axis=0)  # [text, video], columns sum to 1
-  # The test can tell the two directions apart (so a row/column mix-up fails).
-  assert np.abs(p_t2v - p_v2t).max() > 0.1
+  p_t2v = _masked_softmax(sharpness * logits, axis=1)  # [text, video]
+  p_v2t = _masked_softmax(sharpness * logits, axis=0)  # [text, video], columns sum to 1
+  if sharpness:
+    # The test can tell the two directions apart (so a row/column mix-up fails).
+    assert np.abs(p_t2v - p_v2t).max() > 0.1
+  else:
+    np.testing.assert_allclose(p_t2v[~np.eye(b, dtype=bool)], 1 / (b - 1), rtol=1e-6)
 
   keys = jax.random.split(jax.random.key(0), n)
-  neg_v, neg_t = jax.jit(jax.vmap(lambda k: sample_hard_negatives(k, logits)))(keys)
+  neg_v, neg_t = jax.jit(jax.vmap(lambda k: sample_hard_negatives(k, logits, sharpness)))(keys)
   neg_v, neg_t = np.asarray(neg_v), np.asarray(neg_t)
   assert neg_v.shape == (n, b) and neg_v.dtype == np.int32 and neg_t.dtype == np.int32
   # Never the positive.
@@ -159,6 +165,19 @@ def test_hard_negatives_follow_masked_softmax():
   tol_t = 5 * np.sqrt(p_v2t * (1 - p_v2t) / n) + 1e-3
   assert np.all(np.abs(freq_v - p_t2v) <= tol_v), np.abs(freq_v - p_t2v).max()
   assert np.all(np.abs(freq_t - p_v2t) <= tol_t), np.abs(freq_t - p_v2t).max()
+
+
+def test_hard_negative_schedule():
+  from vlp_jax.losses import hard_negative_sharpness as sharp
+  # ALPRO: hard from the first step.
+  assert [float(sharp(s, 100)) for s in (0, 50, 99)] == [1.0, 1.0, 1.0]
+  # Uniform for the first 20 % of 100 steps, then linear to hard over the next 40 %.
+  got = [float(sharp(s, 100, hard_from=0.2, ramp=0.4)) for s in (0, 19, 20, 40, 60, 99)]
+  np.testing.assert_allclose(got, [0.0, 0.0, 0.0, 0.5, 1.0, 1.0], atol=1e-6)
+  # A step switch without a ramp.
+  assert [float(sharp(s, 10, hard_from=0.5)) for s in (4, 5)] == [0.0, 1.0]
+  # Traced step (inside the jitted update).
+  assert float(jax.jit(lambda s: sharp(s, 100, 0.2, 0.4))(jnp.int32(40))) == pytest.approx(0.5)
 
 
 def test_hard_negatives_no_gradient_and_errors():

@@ -129,6 +129,53 @@ def test_soft_labels_threshold_on_top_probability_not_index():
   np.testing.assert_array_equal(keep, [True, True, True, True])
 
 
+def test_soft_labels_over_uniform_threshold():
+  # temp 1 and sim = log(p): the labels are p itself. K = 4, uniform 0.25.
+  probs = np.array([
+      [0.40, 0.20, 0.20, 0.20],  # 0.40 - 0.25 = 0.15 >= 0.1: kept
+      [0.30, 0.70 / 3, 0.70 / 3, 0.70 / 3],  # 0.05: dropped
+      [0.25, 0.25, 0.25, 0.25],  # uniform, 0.0: dropped
+      [0.10, 0.10, 0.10, 0.70],  # 0.45: kept
+  ], np.float32)
+  sim = jnp.asarray(np.log(probs))
+  labels, keep = losses.soft_labels(sim, jnp.float32(1.0), 0.1, over_uniform=True)
+  np.testing.assert_allclose(labels, probs, rtol=1e-5)
+  np.testing.assert_array_equal(keep, [True, False, False, True])
+  # The absolute rule (the default) keeps all of them at 0.2: every top probability >= 0.25.
+  _, keep = losses.soft_labels(sim, jnp.float32(1.0), 0.2)
+  np.testing.assert_array_equal(keep, [True, True, True, True])
+  _, keep = losses.soft_labels(sim, jnp.float32(1.0), 0.2, over_uniform=True)
+  np.testing.assert_array_equal(keep, [False, False, False, True])
+
+
+def test_label_quality_by_hand():
+  labels = np.array([
+      [0.1, 0.7, 0.1, 0.1],  # argmax 1, present {1}: correct, chance 1/4
+      [0.1, 0.1, 0.2, 0.6],  # argmax 3, present {0, 2}: wrong, chance 2/4
+      [0.9, 0.0, 0.1, 0.0],  # dropped (keep False): not counted
+      [0.4, 0.2, 0.2, 0.2],  # no present entity: not counted
+      [0.1, 0.1, 0.5, 0.3],  # argmax 2, present {2, 3}: correct, chance 2/4
+  ], np.float32)
+  keep = np.array([True, True, False, True, True])
+  present = np.array([
+      [False, True, False, False],
+      [True, False, True, False],
+      [True, False, False, False],
+      [False, False, False, False],
+      [False, False, True, True],
+  ])
+  m = losses.label_quality(jnp.asarray(labels), jnp.asarray(keep), jnp.asarray(present))
+  assert sorted(m) == ["pem/teacher_acc", "pem/teacher_chance", "pem/teacher_rows"]
+  assert all(v.dtype == jnp.float32 and v.shape == () for v in m.values())
+  assert float(m["pem/teacher_rows"]) == 3.0
+  assert float(m["pem/teacher_acc"]) == pytest.approx(100.0 * 2 / 3)
+  assert float(m["pem/teacher_chance"]) == pytest.approx(100.0 * (1 / 4 + 2 / 4 + 2 / 4) / 3)
+  # No counted row: 0, not NaN.
+  m = losses.label_quality(jnp.asarray(labels), jnp.zeros(5, bool), jnp.asarray(present))
+  assert [float(m[k]) for k in ("pem/teacher_acc", "pem/teacher_chance",
+                                "pem/teacher_rows")] == [0.0, 0.0, 0.0]
+
+
 def test_pem_loss_against_numpy():
   rng = np.random.default_rng(2)
   logits = rng.normal(size=(5, 7)).astype(np.float32)
@@ -214,6 +261,9 @@ def test_pretraining_trains_its_prompter_and_logs_pem(pretrain_dir):
   for r in rows:
     assert r["loss/pem"] > 0 and math.isfinite(r["loss/pem"])
     assert r["pem/kept_frac"] == 1.0 and 0.0 <= r["pem/acc"] <= 1.0
+    # Synthetic captions name their shapes, the entities: there is ground truth.
+    assert r["pem/teacher_rows"] > 0
+    assert 0.0 <= r["pem/teacher_acc"] <= 100.0 and 0.0 < r["pem/teacher_chance"] <= 100.0
     assert r["data/image_frac"] in (0.0, 1.0)  # a batch is all video or all images
     parts = r["loss/vtc"] + r["loss/vtm"] + r["loss/mlm"] + r["loss/pem"]
     assert r["loss"] == pytest.approx(parts, rel=1e-4)
@@ -314,3 +364,36 @@ def test_pem_configuration_errors(tmp_path, data_dir):
   with pytest.raises(FileNotFoundError, match="no checkpoint"):
     run.task.load_frozen(run.mesh, run.rules, run.workdir)
   run.checkpointer.close()
+
+
+def test_entity_token_ids_and_threshold_mode(data_dir, monkeypatch):
+  from vlp_jax.data import tokenizer as tok
+  text = TextInfo(tok.load_tokenizer(str(data_dir / "vocab.txt")), 64)
+  task = task_lib.ALPROTask(_tiny(data_dir, **{"pem.threshold_mode": "over_uniform"}), text)
+  ids = text.tokenizer(task.entities, add_special_tokens=False)["input_ids"]
+  assert all(len(i) == 1 for i in ids)  # the synthetic entities are vocabulary words
+  np.testing.assert_array_equal(task._entity_ids, [i[0] for i in ids])
+  # Without a tokenizer nothing can be matched: every id is -1.
+  no_tok = task_lib.ALPROTask(_tiny(data_dir), TextInfo(None, 64))
+  np.testing.assert_array_equal(no_tok._entity_ids, np.full(8, -1))
+  with pytest.raises(ValueError, match="threshold_mode"):
+    task_lib.ALPROTask(_tiny(data_dir, **{"pem.threshold_mode": "relative"}), text)
+
+  # `_pem` passes the mode to soft_labels and returns the label-quality metrics (shapes only).
+  seen = []
+  real = losses.soft_labels
+  monkeypatch.setattr(losses, "soft_labels",
+                      lambda *a, **k: seen.append(k.get("over_uniform")) or real(*a, **k))
+  from flax import linen as nn
+  b = {"train": jax.tree.map(jnp.asarray, task.dummy_batch(2))}
+  d = task.model.config.embed_dim
+
+  def metrics(r):
+    frozen = {"prompter": nn.unbox(task.init_module(task.prompter, r)),
+              "entities_video": jnp.zeros((8, d)), "entities_image": jnp.zeros((8, d))}
+    return task.loss(nn.unbox(task.init_collections(r)), b, r, train=True, frozen=frozen)[1]
+
+  m = jax.eval_shape(metrics, jax.random.PRNGKey(0))
+  assert seen == [True]
+  for k in ("pem/teacher_acc", "pem/teacher_chance", "pem/teacher_rows", "pem/kept_frac"):
+    assert m[k].shape == () and m[k].dtype == jnp.float32

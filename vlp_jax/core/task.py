@@ -145,7 +145,8 @@ class Task(abc.ABC):
 
   @abc.abstractmethod
   def loss(self, params: dict[str, Any], batches: dict[str, dict[str, jax.Array]],
-           rng: jax.Array, *, train: bool, frozen: Any = None) -> tuple[jax.Array, dict]:
+           rng: jax.Array, *, train: bool, frozen: Any = None, step: Any = None
+           ) -> tuple[jax.Array, dict]:
     """The scalar objective the default update minimises.
 
     Args:
@@ -154,6 +155,8 @@ class Task(abc.ABC):
       rng: this step's (or micro-batch's) key.
       train: dropout and other training-only behaviour on.
       frozen: `load_frozen(...).params`, or None.
+      step: int32 scalar, the step being taken (0-based; for schedules inside the loss), or
+        None outside training.
     Returns:
       (float32 scalar loss, metrics: dict of float32 scalars). Losses in `vlp_jax.losses`
       return per-sample values; reducing them is the task's choice.

@@ -48,21 +48,22 @@ def make_default_update(loss_fn: LossFn, optimizers: Mapping[str, optax.Gradient
   `lr` (of `model`, or of the first collection), `finite` (loss, gradient norm and update norm
   are finite) and, with several collections, `grad_norm/<name>` and `lr/<name>`.
   """
-  def grads_of(params, batches, rng, frozen):
+  def grads_of(params, batches, rng, frozen, step):
     (loss, metrics), grads = jax.value_and_grad(
-        lambda p: loss_fn(p, batches, rng, train=True, frozen=frozen), has_aux=True)(params)
+        lambda p: loss_fn(p, batches, rng, train=True, frozen=frozen, step=step),
+        has_aux=True)(params)
     return grads, dict(metrics, loss=loss)
 
   def update(state: TrainState, batches: dict, frozen: Any = None):
     rng = jax.random.fold_in(state.rng, state.step)
     if grad_accum == 1:
-      grads, metrics = grads_of(state.params, batches, rng, frozen)
+      grads, metrics = grads_of(state.params, batches, rng, frozen, state.step)
     else:
       micro = split_micro(batches, grad_accum)
 
       def body(carry, xs):
         acc, i = carry
-        g, m = grads_of(state.params, xs, jax.random.fold_in(rng, i), frozen)
+        g, m = grads_of(state.params, xs, jax.random.fold_in(rng, i), frozen, state.step)
         return (jax.tree.map(jnp.add, acc, g), i + 1), m
 
       zeros = jax.tree.map(jnp.zeros_like, state.params)

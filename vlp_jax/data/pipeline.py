@@ -91,6 +91,37 @@ def _seeds(seed: int, process_index: int) -> dict[str, int]:
   return dict(files=int(state[0]), records=int(state[1]), elements=int(state[2]))
 
 
+def parse_swap(spec: str) -> tuple[tuple[str, str], ...]:
+  """`data.reverse_twins.swap`: "a>b,c>d" (directed word rewrites; "a:b" = both ways) -> pairs;
+  "" = the synthetic corpus's table (`synthetic.REVERSED_WORDS`)."""
+  if not spec.strip():
+    from vlp_jax.data import synthetic  # noqa: PLC0415  (its tables only; PIL drawing unused)
+    return synthetic.REVERSED_WORDS
+  pairs = []
+  for item in spec.split(","):
+    item = item.strip()
+    sep = ">" if ">" in item else ":"
+    parts = [w.strip() for w in item.split(sep)]
+    if len(parts) != 2 or not all(parts) or not all(w.isalnum() for w in parts):
+      raise ValueError(f"data.reverse_twins.swap: {item!r} is not 'word>word' or 'word:word'")
+    pairs.append(tuple(parts))
+    if sep == ":":
+      pairs.append((parts[1], parts[0]))
+  return tuple(pairs)
+
+
+def swap_words(captions: tf.Tensor, pairs: tuple[tuple[str, str], ...]) -> tf.Tensor:
+  """Every whole word `a` of each caption replaced by `b` for each pair (a, b), all at once
+  (a word rewritten is not rewritten again); string tensor of any shape."""
+  out = captions
+  # Two passes through placeholders: "left" -> "right" must not become "left" again.
+  for i, (a, _) in enumerate(pairs):
+    out = tf.strings.regex_replace(out, rf"\b{a}\b", f"@@{i}@@")
+  for i, (_, b) in enumerate(pairs):
+    out = tf.strings.regex_replace(out, f"@@{i}@@", b)
+  return out
+
+
 class Loader:
   """Host-local batches of one split.
 
@@ -166,6 +197,12 @@ class Loader:
     # threads at once (eval batches are tokenised on the main thread meanwhile).
     self._pipeline_tokenizer = copy.deepcopy(tokenizer)
     self._tokenizer_lock = threading.Lock()
+    twins = data_cfg.get("reverse_twins", {})
+    rate = float(twins.get("rate", 0.0)) if self.training and not self.qa else 0.0
+    if not 0.0 <= rate <= 0.5:
+      raise ValueError(f"data.reverse_twins.rate must be in [0, 0.5], got {rate}")
+    self._twins = int(rate * self.batch_size)
+    self._swap_pairs = parse_swap(str(twins.get("swap", "")))
     self._extra_captions = (self._caption_table(extra_captions)
                             if extra_captions and self.training and not self.qa else None)
     self._iterator = iter(self._dataset(self._source(data_dir)))
@@ -270,6 +307,8 @@ class Loader:
       ds = ds.flat_map(self._per_question)
     ds = ds.ignore_errors(log_warning=True)  # last defence: a JPEG that passed the checks
     ds = ds.batch(self.batch_size, drop_remainder=self.training)
+    if self._twins:
+      ds = ds.map(self._reversed_twins, num_parallel_calls=npc, deterministic=True)
     # Tokenisation and MLM masking inside tf.data: off the training thread, prefetched with
     # the frames, and part of the iterator checkpoint (exact resume positions).
     ds = ds.enumerate().map(self._tokenize_batch, num_parallel_calls=npc, deterministic=True)
@@ -277,6 +316,28 @@ class Loader:
     options = tf.data.Options()
     options.deterministic = True
     return ds.with_options(options)
+
+  def _reversed_twins(self, b):
+    """Direction negatives: the last n = rate x B rows of a training batch become the first n
+    clips played backwards, captioned with their direction words swapped (`swap_words`). A
+    clip whose caption has no direction word keeps its row. Each such pair differs only in
+    the direction of time, so VTC and VTM must look at frame order to tell them apart."""
+    n = self._twins
+    caption = b["caption"]
+    src = caption[:n]
+    swapped = swap_words(src, self._swap_pairs)
+    has = tf.not_equal(swapped, src)
+    rows = tf.shape(caption)[0]
+
+    def place(x, twin):
+      keep = tf.reshape(has, [-1] + [1] * (len(x.shape) - 1))
+      tail = tf.where(keep, twin, x[rows - n:])
+      return tf.concat([x[:rows - n], tail], 0)
+    out = dict(b)
+    out["video"] = place(b["video"], tf.reverse(b["video"][:n], axis=[1]))
+    out["caption"] = place(caption, swapped)
+    out["video_id"] = place(b["video_id"], tf.strings.join([b["video_id"][:n], "#reversed"]))
+    return out
 
   def _tokenize_batch(self, index, b):
     """Adds `text_ids`, `text_mask`, `mlm_ids`, `mlm_labels` int32 [b, L] to a batch; the MLM

@@ -86,6 +86,20 @@ MOTION_PHRASES = {
                "stays in place"),
               ("staying still", "not moving", "standing still", "resting in place")),
 }
+# Word rewrites that turn every motion phrase above into one of the opposite motion (a clip
+# played backwards): data.reverse_twins' default table. Directed pairs; a word without a
+# one-word opposite maps to a synonym of it ("swells" -> "shrinks").
+REVERSED_WORDS = (
+    ("left", "right"), ("right", "left"), ("leftward", "rightward"),
+    ("rightward", "leftward"), ("up", "down"), ("down", "up"), ("upward", "downward"),
+    ("downward", "upward"), ("rises", "falls"), ("falls", "rises"), ("rising", "falling"),
+    ("falling", "rising"), ("sinks", "rises"), ("sinking", "rising"), ("grows", "shrinks"),
+    ("shrinks", "grows"), ("growing", "shrinking"), ("shrinking", "growing"),
+    ("bigger", "smaller"), ("smaller", "bigger"), ("expands", "contracts"),
+    ("contracts", "expands"), ("expanding", "contracting"), ("contracting", "expanding"),
+    ("swells", "shrinks"),
+)
+
 # {np} = "a small red circle", {verb} / {part} = motion phrases.
 _SINGLE_TEMPLATES = (
     "{np} {verb}",

@@ -9,7 +9,8 @@ Per clip one rectangular region is drawn on the patch grid and used on every fra
 
 Labels whose top probability is below a threshold (ALPRO: 0.2) are dropped. The official code
 compares the argmax *index* with 0.2 instead, which keeps every label except those of entity 0;
-here the top probability is compared, as the paper describes.
+here the top probability is compared, as the paper describes. Optionally (`over_uniform`) the
+top probability's excess over the uniform 1 / K is compared instead, for small K.
 
 Region rule (ALPRO's `random_erase`, on the patch grid): area fraction `a ~ U(area)`, aspect
 `r = h / w ~ U(aspect)`; in patch units `w = floor(sqrt(a * gh * gw / r))`,
@@ -138,14 +139,18 @@ def region_mean(tokens: jax.Array, patch_mask: jax.Array) -> jax.Array:
   return total / jnp.maximum(jnp.sum(m, axis=1, keepdims=True), 1.0)
 
 
-def soft_labels(sim: jax.Array, temp: jax.Array, threshold: float
+def soft_labels(sim: jax.Array, temp: jax.Array, threshold: float, over_uniform: bool = False
                 ) -> tuple[jax.Array, jax.Array]:
   """Prompter soft labels and which of them are confident enough to train on.
 
   Args:
     sim: float [B, K] cosine similarities of the region's video feature to the entities.
     temp: float32 scalar prompter temperature.
-    threshold: a label is kept when its top probability is >= threshold (ALPRO: 0.2).
+    threshold: with `over_uniform` False (ALPRO), a label is kept when its top probability is
+      >= threshold (ALPRO: 0.2 for K = 1000). With `over_uniform` True, when the top
+      probability exceeds the uniform one, 1 / K, by >= threshold; an absolute threshold
+      means little for small K (for K = 8 uniform is already 0.125).
+    over_uniform: compare `max_prob - 1 / K` instead of `max_prob` with the threshold.
 
   Returns:
     labels: float32 [B, K], `softmax(sim / temp)`, without gradient.
@@ -155,7 +160,47 @@ def soft_labels(sim: jax.Array, temp: jax.Array, threshold: float
     raise ValueError(f"soft_labels expects similarities [B, K], got {sim.shape}")
   probs = jax.nn.softmax(jax.lax.stop_gradient(sim).astype(jnp.float32) / temp, axis=-1)
   probs = jax.lax.stop_gradient(probs)
-  return probs, jnp.max(probs, axis=-1) >= threshold
+  top = jnp.max(probs, axis=-1)
+  if over_uniform:
+    top = top - 1.0 / sim.shape[-1]
+  return probs, top >= threshold
+
+
+def label_quality(labels: jax.Array, keep: jax.Array, present: jax.Array
+                  ) -> dict[str, jax.Array]:
+  """How often the prompter's label names an entity known to be in the clip.
+
+  Only kept rows with at least one present entity count: the others are not trained on, or
+  have no ground truth to compare with.
+
+  Args:
+    labels: float [B, K] teacher probabilities.
+    keep: bool [B], the labels trained on (already False for invalid rows).
+    present: bool [B, K], True where entity k is known to be in clip b (e.g. named in its
+      caption); a row without any True has no ground truth.
+
+  Returns:
+    float32 scalars:
+      `pem/teacher_acc`: percent (0-100) of counted rows whose argmax label is present;
+      `pem/teacher_chance`: percent a uniform guess over the K entities would reach on the
+        same rows (mean of `present.sum(-1) / K`, times 100); `teacher_acc` close to it means
+        the teacher labels are no better than chance;
+      `pem/teacher_rows`: the number of counted rows.
+    acc and chance are 0 when no row counts.
+  """
+  if labels.ndim != 2 or present.shape != labels.shape or keep.shape != labels.shape[:1]:
+    raise ValueError(f"label_quality expects labels and present [B, K] and keep [B], got "
+                     f"{labels.shape}, {present.shape} and {keep.shape}")
+  present = present.astype(bool)
+  counted = (keep.astype(bool) & jnp.any(present, axis=-1)).astype(jnp.float32)
+  top = jnp.argmax(labels, axis=-1)
+  hit = jnp.take_along_axis(present, top[:, None], axis=-1)[:, 0].astype(jnp.float32)
+  chance = jnp.sum(present.astype(jnp.float32), axis=-1) / labels.shape[-1]
+  rows = jnp.sum(counted)
+  n = jnp.maximum(rows, 1.0)  # 0 / 1 = 0 rather than NaN when no row counts
+  return {"pem/teacher_acc": 100.0 * jnp.sum(hit * counted) / n,
+          "pem/teacher_chance": 100.0 * jnp.sum(chance * counted) / n,
+          "pem/teacher_rows": rows}
 
 
 def pem_loss(logits: jax.Array, labels: jax.Array, keep: jax.Array

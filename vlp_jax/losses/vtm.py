@@ -11,7 +11,22 @@ import jax
 import jax.numpy as jnp
 
 
-def sample_hard_negatives(rng: jax.Array, logits_t2v: jax.Array
+def hard_negative_sharpness(step: jax.Array, num_steps: int, hard_from: float = 0.0,
+                            ramp: float = 0.0) -> jax.Array:
+  """float32 scalar in [0, 1]: how hard VTM's negatives are at `step`.
+
+  0 = uniformly random negatives, 1 = ALPRO's (sampled by VTC similarity); linear from 0 at
+  `hard_from * num_steps` to 1 at `(hard_from + ramp) * num_steps` (fractions of training).
+  Random negatives first let the VTM head learn from what the encoders already tell apart:
+  hard negatives of a from-scratch model differ only in what it cannot see yet.
+  """
+  progress = jnp.asarray(step, jnp.float32) / max(int(num_steps), 1)
+  if ramp <= 0:
+    return (progress >= hard_from).astype(jnp.float32)
+  return jnp.clip((progress - hard_from) / ramp, 0.0, 1.0)
+
+
+def sample_hard_negatives(rng: jax.Array, logits_t2v: jax.Array, sharpness: jax.Array = 1.0
                          ) -> tuple[jax.Array, jax.Array]:
   """Draws one hard negative video per text and one hard negative text per video.
 
@@ -23,6 +38,8 @@ def sample_hard_negatives(rng: jax.Array, logits_t2v: jax.Array
   Args:
     rng: a PRNG key.
     logits_t2v: float [B, B] text-to-video logits (rows = texts), e.g. from `vtc_loss`.
+    sharpness: float scalar multiplying the logits (`hard_negative_sharpness`): 1 = ALPRO,
+      0 = uniform over the non-matching pairs, in between a tempered softmax.
 
   Returns:
     neg_video_for_text: int32 [B], a video index `!= i` for each text `i`.
@@ -38,7 +55,7 @@ def sample_hard_negatives(rng: jax.Array, logits_t2v: jax.Array
   if b < 2:
     raise ValueError(
         f"sample_hard_negatives needs a batch of at least 2 pairs to find a negative, got B={b}")
-  logits = jax.lax.stop_gradient(logits_t2v).astype(jnp.float32)
+  logits = jax.lax.stop_gradient(logits_t2v).astype(jnp.float32) * sharpness
   # -inf on the diagonal: the positive gets probability exactly 0 and the rest is the
   # renormalised softmax (categorical samples by Gumbel-max, which handles -inf).
   masked = jnp.where(jnp.eye(b, dtype=bool), -jnp.inf, logits)

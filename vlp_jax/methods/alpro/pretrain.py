@@ -44,6 +44,9 @@ class ALPROTask(task_lib.Task):
   def __init__(self, config, text):
     super().__init__(config, text)
     self.weights = {k: float(config.loss.get(k, 0.0)) for k in ("vtc", "vtm", "mlm", "pem")}
+    schedule = config.get("vtm_negatives", {})
+    self._vtm_schedule = {"hard_from": float(schedule.get("hard_from", 0.0)),
+                          "ramp": float(schedule.get("ramp", 0.0))}
     model_cfg = alpro_config(config.model, text.vocab_size)
     self.entities: list[str] = []
     if self.weights["pem"]:
@@ -52,6 +55,17 @@ class ALPROTask(task_lib.Task):
         raise ValueError(f"loss.pem > 0 needs pem.num_entities >= 1, got {k}")
       if config.data.source != "random":
         self.entities = entities_lib.load_entities(self._entity_file(), k)
+      mode = config.pem.get("threshold_mode", "absolute")
+      if mode not in ("absolute", "over_uniform"):
+        raise ValueError(f"pem.threshold_mode must be 'absolute' or 'over_uniform', got {mode!r}")
+      # int32 [K]: each entity's token id, -1 where it is not one token (or without a
+      # tokenizer / entities): `_pem` marks an entity present when its id is in the caption.
+      self._entity_ids = np.full((k,), -1, np.int32)
+      if text.tokenizer is not None and self.entities:
+        enc = text.tokenizer(list(self.entities), add_special_tokens=False)["input_ids"]
+        for i, ids in enumerate(enc):
+          if len(ids) == 1:
+            self._entity_ids[i] = ids[0]
       model_cfg = dataclasses.replace(model_cfg, num_entities=k)
       self.prompter = ALPRO(dataclasses.replace(model_cfg, num_entities=0))
     self.model = ALPRO(model_cfg)
@@ -118,7 +132,7 @@ class ALPROTask(task_lib.Task):
       return None
     return prompter_lib.load_teacher(self, mesh, rules, workdir)
 
-  def loss(self, params, batches, rng, *, train, frozen=None):
+  def loss(self, params, batches, rng, *, train, frozen=None, step=None):
     """Weighted sum of the per-sample losses, averaged over the global batch.
 
     Args:
@@ -157,7 +171,12 @@ class ALPROTask(task_lib.Task):
     mask = batch["text_mask"]
     fused_pos = None  # fused (text_i, video_i): VTM's positive pairs, PEM's input
     if w["vtm"]:
-      neg_video, neg_text = losses.sample_hard_negatives(keys[4], logits_t2v)
+      sharp = 1.0
+      if step is not None:  # the schedule of config.vtm_negatives (training only)
+        sharp = losses.hard_negative_sharpness(step, self.config.num_steps,
+                                               **self._vtm_schedule)
+        metrics["vtm/sharpness"] = sharp
+      neg_video, neg_text = losses.sample_hard_negatives(keys[4], logits_t2v, sharp)
       # Pairs: (text_i, video_i), (text_i, hard-negative video), (hard-negative text, video_i).
       fused = app(params, ALPRO.fuse,
                   jnp.concatenate([text, text, text[neg_text]]),
@@ -201,6 +220,11 @@ class ALPROTask(task_lib.Task):
            ) -> tuple[jax.Array, dict]:
     """PEM loss (mean over kept labels) and metrics.
 
+    Metrics: `pem_loss`'s, and `label_quality`'s on the teacher labels with the entities named
+    in each caption as ground truth (single-token entities only). `pem/teacher_acc` close to
+    `pem/teacher_chance` means the prompter is too weak to teach anything: train it longer,
+    or raise `pem.threshold`.
+
     Args:
       fused_pos: [B, L+1+N, D] fusion output of the matched pairs; tokens L+1.. are the video
         patch tokens in row-major grid order.
@@ -223,7 +247,9 @@ class ALPROTask(task_lib.Task):
     if IS_IMAGE in batch:  # image batches compare with the image-prompt entities
       sim_image = jnp.matmul(feat, frozen["entities_image"].T, precision=hi)
       sim = jnp.where(batch[IS_IMAGE][:, None], sim_image, sim)
-    labels, keep = losses.soft_labels(sim, teacher(ALPRO.temperature), float(p.threshold))
+    over_uniform = p.get("threshold_mode", "absolute") == "over_uniform"
+    labels, keep = losses.soft_labels(sim, teacher(ALPRO.temperature), float(p.threshold),
+                                      over_uniform=over_uniform)
     keep = keep & batch["valid"]
 
     # Student: the mean fused video-patch token inside the region -> PEM head.
@@ -231,6 +257,12 @@ class ALPROTask(task_lib.Task):
     region = losses.region_mean(fused_pos[:, length + 1:], patch_mask)
     logits = self._apply(params, ALPRO.pem_logits, region)
     per_sample, metrics = losses.pem_loss(logits, labels, keep)
+    # Ground truth for the teacher: entity k is in clip b when its token is in the caption
+    # (id -1 never matches; padding is masked out in case an entity shares the pad id).
+    ids = jnp.where(batch["text_mask"] > 0, batch["text_ids"], -1)
+    present = jnp.any(ids[:, :, None] == jnp.asarray(self._entity_ids)[None, None, :], axis=1)
+    present = present & (jnp.asarray(self._entity_ids) >= 0)[None, :]
+    metrics.update(losses.label_quality(labels, keep, present))
     pem = jnp.sum(per_sample) / jnp.maximum(jnp.sum(keep.astype(jnp.float32)), 1.0)
     return pem, metrics
 

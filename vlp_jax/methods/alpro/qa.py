@@ -60,7 +60,7 @@ class ALPROQATask(ALPROTask):
                         deterministic=det, rng=keys[2])
     return self._apply(params, ALPRO.qa_logits, fused)
 
-  def loss(self, params, batches, rng, *, train, frozen=None):
+  def loss(self, params, batches, rng, *, train, frozen=None, step=None):
     """Mean cross-entropy over the batch's questions with an in-vocabulary answer.
 
     Args:

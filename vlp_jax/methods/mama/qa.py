@@ -85,7 +85,7 @@ class MAMAQATask(MetaWeightedTask):
       metrics.update(ang_metrics)
     return per, metrics
 
-  def loss(self, params, batches, rng, *, train, frozen=None):
+  def loss(self, params, batches, rng, *, train, frozen=None, step=None):
     """Plain mean of the per-sample loss over questions with a target (no meta weights)."""
     del frozen
     loss, metrics = self.mean_loss(params["model"], batches["train"], rng, train)

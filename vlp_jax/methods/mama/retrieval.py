@@ -47,7 +47,7 @@ class MAMARetrievalTask(MetaWeightedTask):
     return losses.angular_margin_loss(video, text, margin=self.margin, scale=scale,
                                       close_negatives=self.close_negatives)
 
-  def loss(self, params, batches, rng, *, train, frozen=None):
+  def loss(self, params, batches, rng, *, train, frozen=None, step=None):
     """Plain mean angular-margin loss (the update without meta weights)."""
     del frozen
     loss, metrics = self.mean_loss(params["model"], batches["train"], rng, train)
