@@ -156,7 +156,8 @@ class Task(abc.ABC):
       train: dropout and other training-only behaviour on.
       frozen: `load_frozen(...).params`, or None.
       step: int32 scalar, the step being taken (0-based; for schedules inside the loss), or
-        None outside training.
+        None outside training. Optional in a subclass: the default update passes it only to a
+        `loss` that declares it.
     Returns:
       (float32 scalar loss, metrics: dict of float32 scalars). Losses in `vlp_jax.losses`
       return per-sample values; reducing them is the task's choice.

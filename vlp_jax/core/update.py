@@ -3,6 +3,7 @@ over strided micro-batches, one optimizer per collection) and the jit that runs 
 default or a task's own, on the mesh with the state donated."""
 from __future__ import annotations
 
+import inspect
 from typing import Any
 from collections.abc import Callable, Mapping
 
@@ -48,9 +49,15 @@ def make_default_update(loss_fn: LossFn, optimizers: Mapping[str, optax.Gradient
   `lr` (of `model`, or of the first collection), `finite` (loss, gradient norm and update norm
   are finite) and, with several collections, `grad_norm/<name>` and `lr/<name>`.
   """
+  # `step` goes to losses that take it (schedules); a task written before it keeps working.
+  params_of_loss = inspect.signature(loss_fn).parameters
+  takes_step = "step" in params_of_loss or any(
+      p.kind is inspect.Parameter.VAR_KEYWORD for p in params_of_loss.values())
+
   def grads_of(params, batches, rng, frozen, step):
+    extra = {"step": step} if takes_step else {}
     (loss, metrics), grads = jax.value_and_grad(
-        lambda p: loss_fn(p, batches, rng, train=True, frozen=frozen, step=step),
+        lambda p: loss_fn(p, batches, rng, train=True, frozen=frozen, **extra),
         has_aux=True)(params)
     return grads, dict(metrics, loss=loss)
 
