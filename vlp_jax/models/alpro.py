@@ -66,6 +66,10 @@ class VideoConfig:
   temporal: str = "divided"
   dropout: float = 0.0
   layer_norm_eps: float = 1e-6  # timm / TimeSformer; ViT checkpoints use 1e-12
+  # Std of the (truncated normal) CLS token, position and time embeddings at a fresh init.
+  # 0.02 (timm) leaves a from-scratch model nearly blind to position and time; imports
+  # overwrite these anyway.
+  embed_init_std: float = 0.02
 
   def __post_init__(self):
     p = "model.video"
@@ -97,6 +101,10 @@ class TextConfig:
   max_position: int = 512
   dropout: float = 0.1
   type_vocab_size: int = 2
+  # Std of every BERT weight and embedding at a fresh init (HF `initializer_range`, 0.02).
+  # At small widths 0.02 makes all texts' features nearly equal at init; 1 / sqrt(hidden) is
+  # the width-scaled choice.
+  init_std: float = 0.02
 
   def __post_init__(self):
     p = "model.text"

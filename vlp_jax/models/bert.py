@@ -26,7 +26,15 @@ import jax.numpy as jnp
 from vlp_jax.models import layers
 
 _LN_EPS = 1e-12
-_INIT = nn.initializers.normal(0.02)
+
+
+def _std(cfg) -> float:
+  # Configs built before `init_std` existed (e.g. converters' own TextConfigs) get HF's 0.02.
+  return float(getattr(cfg, "init_std", 0.02))
+
+
+def _init(cfg) -> nn.initializers.Initializer:
+  return nn.initializers.normal(_std(cfg))
 
 
 class BertEmbeddings(nn.Module):
@@ -41,12 +49,13 @@ class BertEmbeddings(nn.Module):
 
   def setup(self):
     cfg = self.config
+    init = _init(cfg)
     self.word_embeddings = layers.embed(cfg.vocab_size, cfg.hidden, ("vocab", "embed"),
-                                        dtype=self.dtype, init=_INIT)
+                                        dtype=self.dtype, init=init)
     self.position_embeddings = layers.embed(cfg.max_position, cfg.hidden, (None, "embed"),
-                                            dtype=self.dtype, init=_INIT)
+                                            dtype=self.dtype, init=init)
     self.token_type_embeddings = layers.embed(cfg.type_vocab_size, cfg.hidden, (None, "embed"),
-                                              dtype=self.dtype, init=_INIT)
+                                              dtype=self.dtype, init=init)
     self.LayerNorm = layers.layer_norm(_LN_EPS, self.dtype)  # pylint: disable=invalid-name
     self.dropout = nn.Dropout(cfg.dropout)
 
@@ -75,12 +84,13 @@ class _AddNorm(nn.Module):
   axis: Any = -1
   dtype: Any = jnp.float32
   dropout: float = 0.0
+  init_std: float = 0.02
 
   @nn.compact
   def __call__(self, x: jax.Array, residual: jax.Array, deterministic: bool = True):
     """x `[B, L, in...]`, residual `[B, L, D]` -> `[B, L, D]` in `dtype`."""
     y = layers.dense(self.features, self.kernel_axes, axis=self.axis, dtype=self.dtype,
-                     kernel_init=_INIT, name="dense")(x)
+                     kernel_init=nn.initializers.normal(self.init_std), name="dense")(x)
     if self.dropout:
       y = nn.Dropout(self.dropout)(y, deterministic)
     return layers.layer_norm(_LN_EPS, self.dtype, name="LayerNorm")(y + residual)
@@ -96,9 +106,11 @@ class BertAttention(nn.Module):
   def __call__(self, x: jax.Array, key_mask: jax.Array, deterministic: bool = True):
     """x `[B, L, D]`, key_mask `[B, L]` (1 = token) -> `[B, L, D]`."""
     heads = layers.MultiHeadAttention(self.config.heads, self.dtype, self.attention,
-                                      fused_qkv=False, kernel_init=_INIT, name="self")(x, key_mask)
+                                      fused_qkv=False, kernel_init=_init(self.config),
+                                      name="self")(x, key_mask)
     return _AddNorm(x.shape[-1], ("heads", "kv", "embed"), (-2, -1), self.dtype,
-                    self.config.dropout, name="output")(heads, x, deterministic)
+                    self.config.dropout, _std(self.config), name="output")(heads, x,
+                                                                        deterministic)
 
 
 class BertLayer(nn.Module):
@@ -113,8 +125,8 @@ class BertLayer(nn.Module):
     cfg = self.config
     h = BertAttention(cfg, self.dtype, self.attention, name="attention")(x, key_mask,
                                                                          deterministic)
-    i = layers.Intermediate(cfg.mlp_dim, self.dtype, 0.0, _INIT, name="intermediate")(h)
-    out = _AddNorm(cfg.hidden, ("mlp", "embed"), -1, self.dtype, cfg.dropout,
+    i = layers.Intermediate(cfg.mlp_dim, self.dtype, 0.0, _init(cfg), name="intermediate")(h)
+    out = _AddNorm(cfg.hidden, ("mlp", "embed"), -1, self.dtype, cfg.dropout, _std(cfg),
                    name="output")(i, h, deterministic)
     return layers.constrain(out, ("batch", "length", "embed"))
 

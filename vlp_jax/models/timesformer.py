@@ -68,10 +68,13 @@ class TimesformerEmbeddings(nn.Module):
         video.reshape(b * t, h, w, c))
     patches = patches.reshape(b, t, num_patches, d)
 
-    cls_token = self.param("cls_token", nn.with_logical_partitioning(_INIT, (None, "embed")),
+    # model.video.embed_init_std (0.02 = timm's).
+    emb_init = nn.initializers.truncated_normal(float(getattr(cfg, "embed_init_std", 0.02)))
+    cls_token = self.param("cls_token",
+                           nn.with_logical_partitioning(emb_init, (None, "embed")),
                            (1, d), jnp.float32)
     pos = self.param("position_embeddings",
-                     nn.with_logical_partitioning(_INIT, (None, "embed")),
+                     nn.with_logical_partitioning(emb_init, (None, "embed")),
                      (1 + num_patches, d), jnp.float32)
     cls = jnp.broadcast_to(cls_token + pos[:1], (b, d)).astype(self.dtype)
     patches = patches + pos[1:].astype(self.dtype)
@@ -79,7 +82,7 @@ class TimesformerEmbeddings(nn.Module):
       # HF / official init these to zero; a small random init breaks the frame-permutation
       # symmetry from the first step when training from scratch (imports overwrite it).
       time_emb = self.param("time_embeddings",
-                            nn.with_logical_partitioning(_INIT, (None, "embed")),
+                            nn.with_logical_partitioning(emb_init, (None, "embed")),
                             (cfg.num_frames, d), jnp.float32)
       patches = patches + resize_time_embeddings(time_emb, t)[:, None, :].astype(self.dtype)
     if cfg.dropout:
