@@ -351,6 +351,8 @@ def test_pem_configuration_errors(tmp_path, data_dir):
                    jax.random.PRNGKey(0))
   with pytest.raises(ValueError, match="has 8 entities"):
     task_lib.ALPROTask(_tiny(data_dir, **{"pem.num_entities": 9}), text)
+  with pytest.raises(ValueError, match="vtm_negatives: hard_from"):
+    task_lib.ALPROTask(_tiny(data_dir, **{"vtm_negatives.ramp": -0.1}), text)
   with pytest.raises(FileNotFoundError, match="launch.entities"):
     task_lib.ALPROTask(_tiny(data_dir, **{"pem.entities": str(tmp_path / "none.txt")}), text)
   run = Trainer(c, str(tmp_path / "fresh")).build()

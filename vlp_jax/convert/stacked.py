@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Any
 
+import jax
 import numpy as np
 
 _STACKED = re.compile(r"^layers_from_(\d+)$")
+
+
+def is_stacked_path(path: str) -> bool:
+  """Whether a "/"-joined parameter path lies inside scanned layers."""
+  return any(_STACKED.match(part) for part in path.split("/"))
 
 
 def is_stacked(params: Mapping) -> bool:
@@ -33,7 +38,7 @@ def unstack(params: Mapping) -> dict:
       body = v["layer"]
       n = _depth(body)
       for i in range(n):
-        out[f"layer_{start + i}"] = _map(lambda x, i=i: x[i], body)
+        out[f"layer_{start + i}"] = jax.tree.map(lambda x, i=i: x[i], body)
     elif isinstance(v, Mapping):
       out[k] = unstack(v)
     else:
@@ -54,7 +59,8 @@ def stack_like(params: Mapping, like: Mapping) -> dict:
       if missing:
         raise KeyError(f"cannot stack {k}: no {', '.join(missing)}")
       layers = [params[f"layer_{i}"] for i in range(start, start + n)]
-      out[k] = {"layer": _map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *layers)}
+      out[k] = {"layer": jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]),
+                                      *layers)}
     elif isinstance(v, Mapping):
       out[k] = stack_like(params[k], v)
     else:
@@ -67,9 +73,3 @@ def _depth(tree: Mapping) -> int:
   while isinstance(leaf, Mapping):
     leaf = next(iter(leaf.values()))
   return int(np.shape(leaf)[0])
-
-
-def _map(fn, *trees: Any) -> Any:
-  if isinstance(trees[0], Mapping):
-    return {k: _map(fn, *(t[k] for t in trees)) for k in trees[0]}
-  return fn(*trees)

@@ -23,6 +23,8 @@ from collections.abc import Mapping
 import jax
 import optax
 
+from vlp_jax.convert import stacked
+
 FROZEN, TRAINED = "frozen", "trained"
 
 
@@ -51,8 +53,7 @@ def decay_mask(params: Any, no_decay: str = "") -> Any:
     name = path_name(path)
     if rx is not None and rx.fullmatch(name):
       return False
-    stacked = any(part.startswith("layers_from_") for part in name.split("/"))
-    return p.ndim - int(stacked) >= 2
+    return p.ndim - int(stacked.is_stacked_path(name)) >= 2
   return jax.tree_util.tree_map_with_path(decayed, params)
 
 

@@ -104,6 +104,7 @@ def batch_shards(mesh, rules) -> int:
 
 
 def axes(spec) -> tuple:
+  """The mesh axes of one PartitionSpec entry (None, a name or a tuple of names) as a tuple."""
   if spec is None:
     return ()
   return tuple(spec) if isinstance(spec, tuple) else (spec,)

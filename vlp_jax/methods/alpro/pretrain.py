@@ -47,6 +47,9 @@ class ALPROTask(task_lib.Task):
     schedule = config.get("vtm_negatives", {})
     self._vtm_schedule = {"hard_from": float(schedule.get("hard_from", 0.0)),
                           "ramp": float(schedule.get("ramp", 0.0))}
+    if not (0.0 <= self._vtm_schedule["hard_from"] <= 1.0 and self._vtm_schedule["ramp"] >= 0):
+      raise ValueError(f"vtm_negatives: hard_from must be in [0, 1] and ramp >= 0 (fractions "
+                       f"of num_steps), got {dict(self._vtm_schedule)}")
     model_cfg = alpro_config(config.model, text.vocab_size)
     self.entities: list[str] = []
     if self.weights["pem"]:
