@@ -1,4 +1,5 @@
-"""Exports a trained ALPRO run: `transformers` checkpoints and a `jax.export` artifact.
+"""Exports a trained run: its task's `Task.export`, or for ALPRO models `transformers`
+checkpoints and a `jax.export` artifact:
 
   OUT/bert/            BertForMaskedLM: text layers then fusion layers, MLM head, tokenizer
   OUT/timesformer/     TimesformerModel (last_hidden_state; ALPRO's output is its CLS plus the
@@ -29,7 +30,7 @@ from absl import logging
 import ml_collections
 
 from vlp_jax.convert import bert as bert_conv
-from vlp_jax.convert import hf, hf_io, stacked
+from vlp_jax.convert import hf_io, stacked
 from vlp_jax.convert import timesformer as tsf_conv
 from vlp_jax.core import init as init_lib
 from vlp_jax.core import task as task_lib
@@ -203,7 +204,11 @@ def load_run_config(workdir: str):
 
 @dataclasses.dataclass
 class RestoredRun:
-  """A run's params (nested dict of single-device CPU arrays) and what they need."""
+  """A run's params (single-device CPU arrays) and what they need.
+
+  Attributes:
+    params: {collection: nested dict of float32 arrays}, every collection of the task.
+  """
   step: int
   task: Any
   tokenizer: Any  # None for runs on random data
@@ -221,45 +226,58 @@ def restore_params(config, workdir: str, step: int | None = None) -> RestoredRun
   task = task_lib.build(config, text)
   vocab = None
   if text.tokenizer is not None:
-    vocab = config.data.vocab or os.path.join(data_dir, "vocab.txt")
+    vocab = data_setup.vocab_path(config, data_dir)
   mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices("cpu")[:1])
   rules = shd.rules_from_config(config.sharding_rules)
   step, _ = init_lib.checkpoint_param_shapes(workdir, -1 if step is None else step)
-  params, _ = init_lib.load_run_params(workdir, task.init_params, mesh, rules, step)
+  params = {}
+  for name in jax.eval_shape(task.init_collections, jax.random.PRNGKey(0)):
+    params[name], _ = init_lib.load_run_params(
+        workdir, lambda rng, name=name: task.init_collections(rng)[name], mesh, rules, step,
+        collection=name)
   return RestoredRun(step, task, text.tokenizer, vocab, params)
+
+
+def _export_alpro(run: RestoredRun, config, out_dir: str, platforms: Sequence[str]) -> dict:
+  """ALPRO's export: OUT/bert, OUT/timesformer, OUT/alpro_heads.safetensors, OUT/artifact."""
+  params, model = run.params["model"], run.task.model
+  written = export_transformers(params, model.config, out_dir, run.tokenizer, run.vocab_path,
+                                int(config.data.num_frames))
+  written["artifact"] = export_artifact(
+      params, model.config, os.path.join(out_dir, "artifact"),
+      num_frames=int(config.data.num_frames), image_size=int(config.data.image_size),
+      max_text_len=int(config.data.max_text_len), vocab_path=run.vocab_path,
+      platforms=platforms)
+  return written
 
 
 def export_run(workdir: str, out_dir: str, step: int | None = None,
                platforms: Sequence[str] = PLATFORMS) -> dict:
-  """Exports checkpoint `step` (default: latest) of an ALPRO run to `out_dir`.
+  """Exports checkpoint `step` (default: latest) of a run to `out_dir`.
 
-  Writes OUT/bert, OUT/timesformer, OUT/alpro_heads.safetensors, OUT/artifact and
-  OUT/export.json (what was written, from which step). Peak memory: the params in float32
-  on one CPU device plus one converted tensor.
+  The task writes what its `Task.export` writes (e.g. `clip_pretrain`: a transformers
+  CLIPModel directory with its tokenizer); a task without an export of its own whose model is
+  ALPRO's gets OUT/bert, OUT/timesformer, OUT/alpro_heads.safetensors and OUT/artifact. Then
+  OUT/export.json: what was written, from which step. Peak memory: the params in float32 on
+  one CPU device plus one converted tensor.
 
   Returns:
     The export.json contents.
+
+  Raises:
+    ValueError: the task has no export.
   """
   config = load_run_config(workdir)
   run = restore_params(config, workdir, step)
-  params, model = run.params, getattr(run.task, "model", None)
   summary = {"workdir": os.path.abspath(workdir), "step": int(run.step), "task": config.task}
-  if isinstance(model, ALPRO):
-    summary.update(export_transformers(params, model.config, out_dir, run.tokenizer,
-                                       run.vocab_path, int(config.data.num_frames)))
-    summary["artifact"] = export_artifact(
-        params, model.config, os.path.join(out_dir, "artifact"),
-        num_frames=int(config.data.num_frames), image_size=int(config.data.image_size),
-        max_text_len=int(config.data.max_text_len), vocab_path=run.vocab_path,
-        platforms=platforms)
-  elif hasattr(run.task, "clip_towers"):
-    # A task with CLIP towers exposes them as (ClipConfig, params) for the CLIP export.
-    clip_config, clip_params = run.task.clip_towers(params)
-    summary["clip"] = os.path.join(out_dir, "clip")
-    hf.export_clip(clip_config, clip_params, summary["clip"])
-  else:
-    raise ValueError(f"launch.export: config.task={config.task!r} has no exporter (ALPRO "
-                     "models and tasks with CLIP towers are supported)")
+  os.makedirs(out_dir, exist_ok=True)
+  written = run.task.export(run.params, out_dir, platforms=tuple(platforms))
+  if written is None and isinstance(getattr(run.task, "model", None), ALPRO):
+    written = _export_alpro(run, config, out_dir, platforms)
+  if written is None:
+    raise ValueError(f"launch.export: task {config.task!r} has no export (its Task.export "
+                     "returns None)")
+  summary.update(written)
   with open(os.path.join(out_dir, "export.json"), "w", encoding="utf-8") as f:
     json.dump(summary, f, indent=2)
   logging.info("exported step %d of %s to %s", run.step, workdir, out_dir)

@@ -12,7 +12,7 @@ collections (`init_collections`, one optax optimizer each, `vlp_jax/core/optim.p
 pytrees it reads (`load_frozen`, for training only), one loader per data stream (`streams`),
 and either the default update (value_and_grad of `loss`, `vlp_jax/core/update.py`) or the
 task's own (`make_update`). Evaluation calls the task's `evaluators` by the type named in
-`config.evals.<name>.type`.
+`config.evals.<name>.type`; `launch.export` calls the task's `export`.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import abc
 import dataclasses
 import importlib.metadata
 from typing import Any, ClassVar
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 
@@ -44,6 +44,9 @@ class Stream:
     seed_offset: added to `config.seed` for this stream's shuffling and masking.
     exclude_ids: a file of clip ids (one per line) this stream never yields, e.g. MAMA's
       meta set held out of the training stream; "" = none.
+    features: read windows of cached per-frame features of `split` instead of its records:
+      a `vlp_jax.data.feature_loader.FeatureSource` (cache directory, window length, clip
+      selection); None = the records.
   """
   keys: tuple[str, ...] = CAPTION_KEYS
   split: str | None = None
@@ -51,6 +54,7 @@ class Stream:
   image_mix: bool = False
   seed_offset: int = 0
   exclude_ids: str = ""
+  features: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,6 +195,24 @@ class Task(abc.ABC):
     arrays (a similarity block, rank vectors, a confusion matrix) that the trainer saves as
     WORKDIR/eval/<name>/step_<step>.npz for `launch.report`.
     """
+
+  # ---- export ---------------------------------------------------------------------------------
+
+  def export(self, params: dict[str, Any], out_dir: str, *, platforms: Sequence[str]
+             ) -> dict[str, Any] | None:
+    """Writes the trained model in portable form to `out_dir` (`launch.export`), or None.
+
+    Args:
+      params: {collection: nested dict of float32 arrays} on one CPU device (a checkpoint of
+        this task's run).
+      out_dir: the output directory (it exists).
+      platforms: platforms a `jax.export` artifact, if the task writes one, is lowered for.
+    Returns:
+      A JSON-serialisable summary of what was written (`launch.export` adds it to
+      OUT/export.json), or None: the task has no export of its own (the default).
+    """
+    del params, out_dir, platforms
+    return None
 
 
 _REGISTRY: dict[str, type[Task]] = {}

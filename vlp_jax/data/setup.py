@@ -14,7 +14,7 @@ import jax
 from jax.experimental import multihost_utils
 
 from vlp_jax.data import answers as answers_lib
-from vlp_jax.data import mixture, synthetic
+from vlp_jax.data import clip_tokenizer, mixture, synthetic
 from vlp_jax.data import tokenizer as tok
 from vlp_jax.data.random_source import RandomLoader
 
@@ -22,7 +22,9 @@ from vlp_jax.data.random_source import RandomLoader
 def resolve_dir(config, workdir: str) -> str | None:
   """The dataset directory: `config.data.dir`, or WORKDIR/data (generated when synthetic).
   With `data.source = "tfds"` the records are TFDS's: `data.dir` (optional) only holds
-  vocab.txt.
+  vocab.txt. A config with a `data.clip_tokenizer` section and no `data.vocab` also gets
+  DIR/clip_tokenizer/ (see `vocab_path`), built here from the captions of
+  `data.clip_tokenizer.splits` when it is missing.
 
   Raises:
     FileNotFoundError: the directory does not exist and no synthetic corpus is configured.
@@ -41,7 +43,32 @@ def resolve_dir(config, workdir: str) -> str | None:
         f"data directory {path!r} does not exist: set --config.data.dir to a directory of "
         "TFRecord shards (see `python -m launch.ingest`), or use a preset that generates the "
         "synthetic corpus")
+  if _builds_clip_tokenizer(config):
+    ct = d.clip_tokenizer
+    if jax.process_index() == 0:
+      clip_tokenizer.ensure_clip_tokenizer(path, tuple(ct.splits), int(ct.vocab_size))
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("clip tokenizer ready")
   return path
+
+
+def _builds_clip_tokenizer(config) -> bool:
+  return not config.data.vocab and "clip_tokenizer" in config.data
+
+
+def vocab_path(config, data_dir: str | None) -> str:
+  """The tokenizer a run reads: `data.vocab` (a BERT vocab.txt or a transformers tokenizer
+  directory); "" = DATA_DIR/clip_tokenizer/ for a config with a `data.clip_tokenizer` section
+  (a CLIP BPE learned from the corpus's captions, `vlp_jax.data.clip_tokenizer`), else
+  DATA_DIR/vocab.txt."""
+  if config.data.vocab:
+    return config.data.vocab
+  if data_dir is None:
+    raise ValueError("data.vocab is empty and there is no data directory to find the "
+                     "tokenizer in")
+  if _builds_clip_tokenizer(config):
+    return os.path.join(data_dir, clip_tokenizer.TOKENIZER_DIR)
+  return os.path.join(data_dir, "vocab.txt")
 
 
 class TextInfo:
@@ -67,8 +94,7 @@ def text_info(config, data_dir: str | None, workdir: str | None = None) -> TextI
   if not config.data.vocab and not data_dir:
     raise ValueError("data.source='tfds' needs data.vocab (a WordPiece vocab.txt) or data.dir "
                      "holding vocab.txt")
-  vocab = config.data.vocab or os.path.join(data_dir, "vocab.txt")
-  t = tok.load_tokenizer(vocab)
+  t = tok.load_tokenizer(vocab_path(config, data_dir))
   answers = None
   k = int(config.model.get("num_answers", 0))
   if k > 0:
@@ -90,11 +116,19 @@ def stream_loader(config, data_dir: str | None, text: TextInfo, stream, batch_pe
       still images of split `data.image_split` in `data.image_dir` ("" = the data
       directory): a `mixture.MixtureLoader`, whose batches also carry `is_image` bool [B].
       A stream of `data.train_split` also draws captions from the side files
-      `data.extra_captions` (see `read_captions`).
+      `data.extra_captions` (see `read_captions`). A stream with `features` (a
+      `feature_loader.FeatureSource`) reads windows of the split's cached frame features
+      instead of its records (`feature_loader.FeatureLoader`).
   """
   d = config.data
   seed = int(config.seed) + int(stream.seed_offset)
   split = stream.split or d.train_split
+  if stream.features is not None:  # cached frame features (`Stream.features`), no records
+    from vlp_jax.data import feature_loader  # noqa: PLC0415
+    return feature_loader.FeatureLoader(stream.features, split, batch_size=batch_per_process,
+                                        training=True, seed=seed,
+                                        process_index=jax.process_index(),
+                                        process_count=jax.process_count())
   exclude = _exclude_ids(stream.exclude_ids)
   # Generated captions extend the training split only: other streams (a meta set) stay as
   # annotated.
