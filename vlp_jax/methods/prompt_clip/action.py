@@ -9,12 +9,13 @@ e.g. one `launch.export` wrote from a `clip_pretrain` run) and two trained colle
   temporal  `models.temporal.TemporalTransformer` over a clip's T frame features
             (`model.temporal.layers`; with 0 it is mean pooling and the collection is absent).
 
-Each step encodes all C training class names with their prompts (the frozen text tower; C is a
-few hundred at most, so all of them, every step: the paper samples 400 of Kinetics' classes,
-which `model` has no switch for), pools the clip features of the batch with the temporal model,
-and minimises the cross-entropy of logits = cos(clip, class) / `model.temperature` (0.07,
-fixed). The frozen CLIP is a `Frozen` pytree (text tower only: the image tower ran once, in
-`launch.extract_features`), never in the optimizer state.
+Each step encodes all C training class names with their prompts through the frozen text tower
+(C is a few hundred at most; sampling a subset of the classes per step is not implemented),
+pools the clip features of the batch with the temporal model, and minimises the cross-entropy
+of logits = cos(clip, class) / `model.temperature` (0.07, fixed). The frozen CLIP is a
+`Frozen` pytree (its text tower only: the image tower ran once, in launch.extract_features),
+never in the optimizer state. `params/trainable` (logged at start and in every train row)
+counts the trained parameters.
 
 Data: windows of `model.num_frames` cached frame features of `data.features` (a cache of
 `python -m launch.extract_features` made with the same CLIP), class names from `data.classes`
