@@ -86,7 +86,8 @@ def base() -> ml_collections.ConfigDict:
   c.model.video = ml_collections.ConfigDict(dict(
       image_size=224, patch_size=16, num_frames=4, hidden=768, layers=12, heads=12,
       mlp_dim=3072, temporal="divided", dropout=0.0,
-      embed_init_std=0.02))                # std of the CLS / position / time embeddings
+      embed_init_std=0.02,                 # std of the CLS / position / time embeddings
+      init_std=0.02))                      # std of every other TimeSformer weight
   c.model.text = ml_collections.ConfigDict(dict(
       vocab_size=0,                     # 0 = size of the tokenizer's vocabulary
       hidden=768, layers=12, fusion_layer=6, heads=12, mlp_dim=3072, max_position=512,

@@ -70,6 +70,9 @@ class VideoConfig:
   # 0.02 (timm) leaves a from-scratch model nearly blind to position and time; imports
   # overwrite these anyway.
   embed_init_std: float = 0.02
+  # Std of every other (truncated normal) kernel at a fresh init: patch embedding, attention,
+  # MLP (timm: 0.02).
+  init_std: float = 0.02
 
   def __post_init__(self):
     p = "model.video"

@@ -27,7 +27,12 @@ import jax.numpy as jnp
 
 from vlp_jax.models import layers
 
-_INIT = nn.initializers.truncated_normal(0.02)
+
+
+def kernel_init(cfg: Any) -> nn.initializers.Initializer:
+  """Truncated normal with `model.video.init_std` (0.02 = timm's) for every TimeSformer
+  kernel; configs built before the key existed get 0.02."""
+  return nn.initializers.truncated_normal(float(getattr(cfg, "init_std", 0.02)))
 
 
 def resize_time_embeddings(time_emb: jax.Array, num_frames: int) -> jax.Array:
@@ -64,7 +69,7 @@ class TimesformerEmbeddings(nn.Module):
       raise ValueError(f"frame size {h}x{w} gives {(h // p) * (w // p)} patches, but the "
                        f"position embeddings were built for image_size {cfg.image_size}")
     d = cfg.hidden
-    patches = _PatchEmbeddings(d, p, self.dtype, name="patch_embeddings")(
+    patches = _PatchEmbeddings(d, p, self.dtype, kernel_init(cfg), name="patch_embeddings")(
         video.reshape(b * t, h, w, c))
     patches = patches.reshape(b, t, num_patches, d)
 
@@ -96,6 +101,7 @@ class _PatchEmbeddings(nn.Module):
   hidden: int
   patch_size: int
   dtype: Any = jnp.float32
+  kernel_init: Any = nn.initializers.truncated_normal(0.02)
 
   @nn.compact
   def __call__(self, frames: jax.Array) -> jax.Array:
@@ -104,7 +110,7 @@ class _PatchEmbeddings(nn.Module):
     out = nn.Conv(
         self.hidden, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
         param_dtype=jnp.float32,
-        kernel_init=nn.with_logical_partitioning(_INIT, (None, None, None, "embed")),
+        kernel_init=nn.with_logical_partitioning(self.kernel_init, (None, None, None, "embed")),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
         name="projection")(frames.astype(self.dtype))
     return out.reshape(out.shape[0], -1, out.shape[-1])
@@ -116,14 +122,16 @@ class TimesformerAttention(nn.Module):
   dtype: Any = jnp.float32
   attention: str = "xla"
   dropout: float = 0.0
+  kernel_init: Any = nn.initializers.truncated_normal(0.02)
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
     """x `[B', L, D]` -> `[B', L, D]` (no mask: every token is real)."""
     heads = layers.MultiHeadAttention(self.num_heads, self.dtype, self.attention, fused_qkv=True,
-                                      kernel_init=_INIT, name="attention")(x)
+                                      kernel_init=self.kernel_init, name="attention")(x)
     return layers.OutputDense(x.shape[-1], ("heads", "kv", "embed"), (-2, -1), self.dtype,
-                              self.dropout, _INIT, name="output")(heads, deterministic)
+                              self.dropout, self.kernel_init, name="output")(heads,
+                                                                             deterministic)
 
 
 class TimesformerLayer(nn.Module):
@@ -147,8 +155,9 @@ class TimesformerLayer(nn.Module):
     """cls `[B, D]`, patches `[B, T, N, D]` -> same shapes, in `dtype`."""
     cfg = self.config
     b, t, n, d = patches.shape
+    init = kernel_init(cfg)
     attn = lambda name: TimesformerAttention(cfg.heads, self.dtype, self.attention, cfg.dropout,
-                                             name=name)
+                                             init, name=name)
     ln = lambda name: layers.layer_norm(cfg.layer_norm_eps, self.dtype, name=name)
 
     if cfg.temporal == "divided":
@@ -170,9 +179,9 @@ class TimesformerLayer(nn.Module):
     x = jnp.concatenate([cls[:, None, :], patches.reshape(b, t * n, d)], axis=1)
     x = layers.constrain(x, ("batch", "length", "embed"))
     h = ln("layernorm_after")(x)
-    h = layers.Intermediate(cfg.mlp_dim, self.dtype, cfg.dropout, _INIT,
+    h = layers.Intermediate(cfg.mlp_dim, self.dtype, cfg.dropout, init,
                             name="intermediate")(h, deterministic)
-    h = layers.OutputDense(d, ("mlp", "embed"), -1, self.dtype, cfg.dropout, _INIT,
+    h = layers.OutputDense(d, ("mlp", "embed"), -1, self.dtype, cfg.dropout, init,
                            name="output")(h, deterministic)
     x = x + h
     cls, patches = x[:, 0], x[:, 1:].reshape(b, t, n, d)
