@@ -178,6 +178,9 @@ def test_hard_negative_schedule():
   assert [float(sharp(s, 10, hard_from=0.5)) for s in (4, 5)] == [0.0, 1.0]
   # Traced step (inside the jitted update).
   assert float(jax.jit(lambda s: sharp(s, 100, 0.2, 0.4))(jnp.int32(40))) == pytest.approx(0.5)
+  # Tempered: the ramp ends at max_sharpness.
+  got = [float(sharp(s, 100, hard_from=0.2, ramp=0.4, max_sharpness=0.5)) for s in (0, 40, 99)]
+  np.testing.assert_allclose(got, [0.0, 0.25, 0.5], atol=1e-6)
 
 
 def test_hard_negatives_no_gradient_and_errors():

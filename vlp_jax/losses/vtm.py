@@ -12,18 +12,19 @@ import jax.numpy as jnp
 
 
 def hard_negative_sharpness(step: jax.Array, num_steps: int, hard_from: float = 0.0,
-                            ramp: float = 0.0) -> jax.Array:
-  """float32 scalar in [0, 1]: how hard VTM's negatives are at `step`.
+                            ramp: float = 0.0, max_sharpness: float = 1.0) -> jax.Array:
+  """float32 scalar in [0, max_sharpness]: how hard VTM's negatives are at `step`.
 
   0 = uniformly random negatives, 1 = ALPRO's (sampled by VTC similarity); linear from 0 at
-  `hard_from * num_steps` to 1 at `(hard_from + ramp) * num_steps` (fractions of training).
+  `hard_from * num_steps` to `max_sharpness` at `(hard_from + ramp) * num_steps` (fractions of
+  training).
   Random negatives first let the VTM head learn from what the encoders already tell apart:
   hard negatives of a from-scratch model differ only in what it cannot see yet.
   """
   progress = jnp.asarray(step, jnp.float32) / max(int(num_steps), 1)
   if ramp <= 0:
-    return (progress >= hard_from).astype(jnp.float32)
-  return jnp.clip((progress - hard_from) / ramp, 0.0, 1.0)
+    return (progress >= hard_from).astype(jnp.float32) * max_sharpness
+  return jnp.clip((progress - hard_from) / ramp, 0.0, 1.0) * max_sharpness
 
 
 def sample_hard_negatives(rng: jax.Array, logits_t2v: jax.Array, sharpness: jax.Array = 1.0

@@ -66,10 +66,11 @@ class VideoConfig:
   temporal: str = "divided"
   dropout: float = 0.0
   layer_norm_eps: float = 1e-6  # timm / TimeSformer; ViT checkpoints use 1e-12
-  # Std of the (truncated normal) CLS token, position and time embeddings at a fresh init.
-  # 0.02 (timm) leaves a from-scratch model nearly blind to position and time; imports
-  # overwrite these anyway.
+  # Std of the (truncated normal) CLS token and position embeddings, and of the time
+  # embeddings, at a fresh init. 0.02 (timm) leaves a from-scratch model nearly blind to when a
+  # patch is; imports overwrite these anyway.
   embed_init_std: float = 0.02
+  time_init_std: float = 0.02
   # Std of every other (truncated normal) kernel at a fresh init: patch embedding, attention,
   # MLP (timm: 0.02).
   init_std: float = 0.02

@@ -73,7 +73,7 @@ class TimesformerEmbeddings(nn.Module):
         video.reshape(b * t, h, w, c))
     patches = patches.reshape(b, t, num_patches, d)
 
-    # model.video.embed_init_std (0.02 = timm's).
+    # model.video.embed_init_std / time_init_std (0.02 = timm's).
     emb_init = nn.initializers.truncated_normal(float(getattr(cfg, "embed_init_std", 0.02)))
     cls_token = self.param("cls_token",
                            nn.with_logical_partitioning(emb_init, (None, "embed")),
@@ -86,8 +86,9 @@ class TimesformerEmbeddings(nn.Module):
     if cfg.temporal == "divided":
       # HF / official init these to zero; a small random init breaks the frame-permutation
       # symmetry from the first step when training from scratch (imports overwrite it).
+      time_init = nn.initializers.truncated_normal(float(getattr(cfg, "time_init_std", 0.02)))
       time_emb = self.param("time_embeddings",
-                            nn.with_logical_partitioning(emb_init, (None, "embed")),
+                            nn.with_logical_partitioning(time_init, (None, "embed")),
                             (cfg.num_frames, d), jnp.float32)
       patches = patches + resize_time_embeddings(time_emb, t)[:, None, :].astype(self.dtype)
     if cfg.dropout:

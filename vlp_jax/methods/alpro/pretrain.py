@@ -46,10 +46,12 @@ class ALPROTask(task_lib.Task):
     self.weights = {k: float(config.loss.get(k, 0.0)) for k in ("vtc", "vtm", "mlm", "pem")}
     schedule = config.get("vtm_negatives", {})
     self._vtm_schedule = {"hard_from": float(schedule.get("hard_from", 0.0)),
-                          "ramp": float(schedule.get("ramp", 0.0))}
-    if not (0.0 <= self._vtm_schedule["hard_from"] <= 1.0 and self._vtm_schedule["ramp"] >= 0):
-      raise ValueError(f"vtm_negatives: hard_from must be in [0, 1] and ramp >= 0 (fractions "
-                       f"of num_steps), got {dict(self._vtm_schedule)}")
+                          "ramp": float(schedule.get("ramp", 0.0)),
+                          "max_sharpness": float(schedule.get("max_sharpness", 1.0))}
+    if not (0.0 <= self._vtm_schedule["hard_from"] <= 1.0 and self._vtm_schedule["ramp"] >= 0
+            and 0.0 <= self._vtm_schedule["max_sharpness"] <= 1.0):
+      raise ValueError(f"vtm_negatives: hard_from must be in [0, 1], ramp >= 0 (fractions of "
+                       f"num_steps) and max_sharpness in [0, 1], got {dict(self._vtm_schedule)}")
     model_cfg = alpro_config(config.model, text.vocab_size)
     self.entities: list[str] = []
     if self.weights["pem"]:
