@@ -24,9 +24,13 @@ from vlp_jax.data.ingest.annotations import FORMATS
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("format", None, FORMATS, "Annotation format.")
-flags.DEFINE_string("annotations", None, "Annotation file.")
+flags.DEFINE_string("annotations", None, "Annotation file; the directory of the split files "
+                    "for hmdb51 / thumos14 (ucf101: the directory or one list file).")
 flags.DEFINE_string("video_root", None, "Directory the annotation's video/image names are in.")
-flags.DEFINE_string("split", None, "Split name of the output files, e.g. train, val, test.")
+flags.DEFINE_string("split", None, "Split name of the output files, e.g. train, val, test; "
+                    "for hmdb51 / ucf101 (train, test), thumos14 (val, test) and activitynet "
+                    "(training, validation, or train, val) also the subset read.")
+flags.DEFINE_integer("split_id", 1, "Official split (1-3) of hmdb51 / ucf101.")
 flags.DEFINE_string("out", None, "Output directory (the config's data.dir).")
 flags.DEFINE_float("fps", 2.0, "Stored frames per second.")
 flags.DEFINE_integer("short_side", 256, "Short side of the stored frames, pixels.")
@@ -51,12 +55,18 @@ flags.DEFINE_boolean("overwrite", False, "Redo the split (delete its shards firs
                      "of resuming.")
 flags.DEFINE_boolean("progress", True, "Show a progress bar.")
 flags.DEFINE_boolean("skip_bad_rows", False, "Skip malformed annotation lines (not JSON, not "
-                     "an object), listing them in skipped.jsonl, instead of stopping.")
+                     "an object; for hmdb51 / ucf101 / thumos14 / activitynet also unknown "
+                     "classes and segments with end <= start), listing them in skipped.jsonl, "
+                     "instead of stopping.")
 flags.mark_flags_as_required(["format", "annotations", "video_root", "split", "out"])
 
-for _name in ("annotations", "vocab", "classes", "msvd_mapping", "video_list"):
+for _name in ("vocab", "classes", "msvd_mapping", "video_list"):
   flags.register_validator(_name, lambda p: p is None or os.path.isfile(p),
                            message=f"--{_name} must name an existing file")
+flags.register_validator("annotations", lambda p: p is None or os.path.exists(p),
+                         message="--annotations must name an existing file or directory")
+flags.register_validator("split_id", lambda v: v in (1, 2, 3),
+                         message="--split_id must be 1, 2 or 3")
 flags.register_validator("video_root", lambda p: p is None or os.path.isdir(p),
                          message="--video_root must name an existing directory")
 flags.register_validator("fps", lambda v: v > 0, message="--fps must be > 0")
@@ -78,7 +88,8 @@ def main(argv):
   try:
     ann = annotations.parse(FLAGS.format, FLAGS.annotations, classes=FLAGS.classes,
                             msvd_mapping=FLAGS.msvd_mapping, video_list=FLAGS.video_list,
-                            skip_bad_rows=FLAGS.skip_bad_rows)
+                            skip_bad_rows=FLAGS.skip_bad_rows, split=FLAGS.split,
+                            split_id=FLAGS.split_id)
     settings = decode.DecodeSettings(
         video_root=FLAGS.video_root, fps=FLAGS.fps, short_side=FLAGS.short_side,
         max_frames=FLAGS.max_frames, jpeg_quality=FLAGS.jpeg_quality,
@@ -89,7 +100,9 @@ def main(argv):
         num_shards=FLAGS.num_shards, workers=FLAGS.workers, vocab=FLAGS.vocab,
         max_vocab_words=FLAGS.max_vocab_words, overwrite=FLAGS.overwrite,
         progress=FLAGS.progress, worker_timeout=FLAGS.worker_timeout,
-        info=dict(format=FLAGS.format, annotations=os.path.abspath(FLAGS.annotations)))
+        info=dict(format=FLAGS.format, annotations=os.path.abspath(FLAGS.annotations),
+                  **({"split_id": FLAGS.split_id} if FLAGS.format in ("hmdb51", "ucf101")
+                     else {})))
   except (ValueError, FileNotFoundError, FileExistsError) as e:
     sys.exit(f"ingest: {e}")
   print(format_summary(summary, FLAGS.out))

@@ -9,6 +9,10 @@ Context features:
   caption/string (bytes list), optional clip/label/index (int64), clip/label/text (bytes),
   question/string, answer/string (aligned bytes lists), entity/string (bytes list),
   clip/start/timestamp, clip/end/timestamp (int64 microseconds), plus free `extra` keys.
+  Untrimmed videos (temporal localisation) add aligned lists of their annotated instances:
+  segment/start, segment/end (float32 seconds from the start of the source file),
+  segment/label/index (int64), sorted by start; `parse_clip` reads them when asked
+  (`SEGMENT_KEYS`).
 Feature list:
   image/encoded: one JPEG per stored frame.
 Files: `DIR/<split>-00000-of-00008.tfrecord`.
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import numbers
 import os
 import re
@@ -37,6 +42,10 @@ START = "clip/start/timestamp"
 END = "clip/end/timestamp"
 # Optional evaluation probe: [caption, the same caption with one detail changed] (bytes list).
 CONTRAST = "caption/contrast"
+SEGMENT_START = "segment/start"
+SEGMENT_END = "segment/end"
+SEGMENT_LABEL_INDEX = "segment/label/index"
+SEGMENT_KEYS = (SEGMENT_START, SEGMENT_END, SEGMENT_LABEL_INDEX)
 FRAMES = "image/encoded"
 
 _FILE_RE = re.compile(r"^(?P<split>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.tfrecord$")
@@ -72,6 +81,7 @@ def clip_example(
     start_us: int | None = None,
     end_us: int | None = None,
     contrast: Sequence[str] | None = None,
+    segments: Sequence[tuple[float, float, int]] | None = None,
     extra: Mapping[str, Sequence[bytes] | Sequence[int] | Sequence[float]] | None = None,
 ) -> tf.train.SequenceExample:
   """Builds one clip record.
@@ -87,6 +97,9 @@ def clip_example(
     questions, answers: optional aligned QA lists (same length).
     entities: optional entity nouns.
     start_us, end_us: optional clip boundaries within the source video, microseconds.
+    segments: optional annotated instances (start s, end s, label index), end > start, as
+      the `segment/*` lists in the given order; an empty list is written as empty lists (an
+      annotated video without instances).
     extra: further context keys; the value type picks the list kind (bytes/str, int, float).
 
   Returns:
@@ -120,6 +133,16 @@ def clip_example(
     if len(contrast) != 2:
       raise ValueError(f"contrast must be [caption, altered caption], got {list(contrast)!r}")
     _set_bytes(ctx, CONTRAST, contrast)
+  if segments is not None:
+    for start, end, _ in segments:
+      if not (math.isfinite(start) and math.isfinite(end) and end > start):
+        raise ValueError(f"clip {video_id!r}: bad segment [{start}, {end}] (need end > start)")
+    for key, kind in ((SEGMENT_START, "float_list"), (SEGMENT_END, "float_list"),
+                      (SEGMENT_LABEL_INDEX, "int64_list")):
+      getattr(ctx.feature[key], kind).SetInParent()  # present even when empty
+    _set_floats(ctx, SEGMENT_START, (s for s, _, _ in segments))
+    _set_floats(ctx, SEGMENT_END, (e for _, e, _ in segments))
+    _set_ints(ctx, SEGMENT_LABEL_INDEX, (i for _, _, i in segments))
   for key, values in (extra or {}).items():
     if key in ctx.feature:
       raise ValueError(f"extra key {key!r} collides with a schema key")
@@ -323,6 +346,12 @@ _CONTEXT_SPEC = {
     CONTRAST: tf.io.RaggedFeature(tf.string),
 }
 CONTEXT_KEYS = tuple(_CONTEXT_SPEC)
+# Parsed only when named in `context_keys`: the training pipelines do not read them.
+_SEGMENT_SPEC = {
+    SEGMENT_START: tf.io.RaggedFeature(tf.float32),
+    SEGMENT_END: tf.io.RaggedFeature(tf.float32),
+    SEGMENT_LABEL_INDEX: tf.io.RaggedFeature(tf.int64),
+}
 
 
 @tf.autograph.experimental.do_not_convert  # plain graph code; conversion only warns
@@ -332,17 +361,20 @@ def parse_clip(serialized: tf.Tensor, *, context_keys: Sequence[str] | None = No
 
   Args:
     serialized: scalar tf.string.
-    context_keys: schema context keys to parse (default: all of `CONTEXT_KEYS`).
+    context_keys: schema context keys to parse (default: all of `CONTEXT_KEYS`); may also
+      name `SEGMENT_KEYS`.
     extra: further context keys to parse as 1-D lists, key -> dtype (tf.string/int64/float32).
 
   Returns:
     Dict of tensors: scalars for `video/id` (string), `video/fps` (float32),
     `video/num_frames`, `clip/label/index`, timestamps (int64; -1/0 when absent),
     `clip/label/text` (string, b"" when absent); 1-D string tensors for the list keys and for
-    `image/encoded` ([num_stored_frames] JPEG bytes); 1-D tensors for `extra` keys.
+    `image/encoded` ([num_stored_frames] JPEG bytes); `segment/start`, `segment/end` float32
+    [S] seconds and `segment/label/index` int64 [S] when asked (S = 0 when absent); 1-D
+    tensors for `extra` keys.
   """
   keys = CONTEXT_KEYS if context_keys is None else tuple(context_keys)
-  spec = {k: _CONTEXT_SPEC[k] for k in keys}
+  spec = {k: _CONTEXT_SPEC[k] if k in _CONTEXT_SPEC else _SEGMENT_SPEC[k] for k in keys}
   for k, dtype in (extra or {}).items():
     spec[k] = tf.io.RaggedFeature(dtype)
   ctx, seq = tf.io.parse_single_sequence_example(

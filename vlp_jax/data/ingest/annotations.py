@@ -1,8 +1,9 @@
 """Annotation parsers: one function per dataset format, each returning `Clip` descriptions.
 
-Every parser reads one annotation file and returns `Annotations(clips, classes)`. A row that
-cannot be used (it names no video, has no caption, bad times, ...) still becomes a `Clip`
-with `error` set, so ingestion reports it in `skipped.jsonl` instead of dropping it silently.
+Every parser reads one annotation file (or a directory of split files) and returns
+`Annotations(clips, classes)`. A row that cannot be used (it names no video, has no caption,
+bad times, ...) still becomes a `Clip` with `error` set, so ingestion reports it in
+`skipped.jsonl` instead of dropping it silently.
 Video names are relative to `--video_root`; a name without an extension tries the common
 video extensions (`.mp4`, `.webm`, `.avi`, `.mkv`, `.mov`, ...), a name with one also tries
 `NAME.mp4` and `STEM.mp4` etc. (re-encoded copies), first existing file wins.
@@ -41,6 +42,37 @@ jsonl      Generic, one JSON object per line: `{"video": path, "caption": str or
            `"question"`/`"answer"` (str or aligned lists), `"start"`/`"end"` (seconds: only
            that segment is decoded). A path with an image extension is a one-frame clip.
 
+
+Action recognition and localisation. `--split` names the output files and also picks the
+subset the files list; a malformed line, an unknown class or a segment with end <= start stops
+the parse naming file:line (or file and JSON key), or with `--skip_bad_rows` is skipped and
+listed with that place. The class list (index order) is stored as `Annotations.classes`.
+
+hmdb51     `--annotations` = the directory of the official `<class>_test_split<k>.txt` files
+           (lines `<video file> <0|1|2>`: 1 train, 2 test, 0 unused); `--split_id=k` (1-3),
+           `--split=train|test`. Class = file name's class, `_` -> space ("brush hair"),
+           index = sorted order; caption = label text = class. File `<class>/<file>` (or
+           directly under the root). Id = file name without extension.
+ucf101     `--annotations` = the directory of `classInd.txt` (`<index from 1> <ClassName>`),
+           `trainlist0k.txt` (`<Class>/<file>.avi <index>`) and `testlist0k.txt`
+           (`<Class>/<file>.avi`), with `--split_id=k`, `--split=train|test`; or one list
+           file (classInd.txt beside it). Label index = classInd index - 1; class text =
+           CamelCase as lower-case words ("ApplyEyeMakeup" -> "apply eye makeup") = caption.
+           A class folder that differs from classInd.txt only in case still matches.
+thumos14   Untrimmed videos: `--annotations` = the directory of the temporal annotation files
+           `<Class>_val.txt` / `<Class>_test.txt` (lines `<video name> <start s> <end s>`),
+           `--split=val|test`. Classes = the files' class names (`Ambiguous_*` left out),
+           sorted; class text as for ucf101. One clip per video (sorted by name), the whole
+           file decoded, with `segments` (start, end, label index) sorted by start; caption =
+           its segments' distinct class texts in time order joined with ", " (the video id if
+           it has none); label index / text only when all its segments have one class.
+activitynet  ActivityNet-1.3 JSON `{"database": {id: {"subset", "duration", "annotations":
+           [{"segment": [s, e], "label"}]}}}`, `--split=training|validation` (or train|val).
+           Classes = sorted labels of the whole database; records as for thumos14 (a video
+           without annotations: empty segment lists). File `v_<id>` (then `<id>`), any video
+           extension (.mp4, .mkv, .webm, ...). Bad entries are named by JSON key, e.g.
+           `database.<id>.annotations[2]`.
+
 `--video_list` (any format) keeps only the clips whose id is listed: one id per line, or a CSV
 with a `video_id` column (e.g. `MSRVTT_train.9k.csv`).
 """
@@ -50,9 +82,11 @@ import collections
 import csv
 import dataclasses
 import json
+import math
 import numbers
 import os
 import posixpath
+import re
 from typing import Any
 from collections.abc import Callable, Iterable, Sequence
 from urllib.parse import urlsplit
@@ -76,6 +110,9 @@ class Clip:
     still: a still image (one-frame clip, decoded with PIL).
     source: where in the annotation file the clip comes from, e.g. "line 17".
     error: why the row cannot be ingested (reported as skipped, never decoded), or None.
+    segments: annotated instances of an untrimmed video, ((start s, end s, label index), ...)
+      sorted by start, stored as `segment/*`; None = not annotated with segments.
+    alt_videos: further file names tried (after `video`, in the same `dirs`).
   """
   id: str
   video: str
@@ -90,10 +127,17 @@ class Clip:
   still: bool = False
   source: str = ""
   error: str | None = None
+  # Out of the repr, which `run._digest` hashes: clips without them keep their digest, so
+  # the resume check of ingestions of the other formats is unaffected.
+  segments: tuple[tuple[float, float, int], ...] | None = dataclasses.field(
+      default=None, repr=False)
+  alt_videos: tuple[str, ...] = dataclasses.field(default=(), repr=False)
 
   def paths(self) -> tuple[str, ...]:
     """Candidate files relative to the video root, in the order they are tried."""
-    return candidates(self.video, self.dirs, IMAGE_EXTS if self.still else VIDEO_EXTS)
+    exts = IMAGE_EXTS if self.still else VIDEO_EXTS
+    names = [p for v in (self.video, *self.alt_videos) for p in candidates(v, self.dirs, exts)]
+    return tuple(dict.fromkeys(names))
 
   def texts(self) -> list[str]:
     """All text of the clip (captions, questions, answers, label), for the vocabulary."""
@@ -457,6 +501,252 @@ def parse_jsonl(path: str, classes: Sequence[str] | None = None, bad_rows: list 
                      else None)
 
 
+# ------------------------------------------------ action recognition / localisation formats
+_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
+
+
+def camel_words(name: str) -> str:
+  """A CamelCase class name as lower-case words: "ApplyEyeMakeup" -> "apply eye makeup"."""
+  return " ".join(_CAMEL.sub(" ", name.replace("_", " ")).split()).lower()
+
+
+def _check_dir(path: str, what: str) -> None:
+  if not path or not os.path.isdir(path):
+    raise FileNotFoundError(f"{what} {path!r} is not a directory")
+
+
+def _bad_row(bad_rows: list | None, where: str, source: str, reason: str) -> None:
+  """A row that cannot be used: raises ValueError naming `where` (file:line, or file: JSON
+  key), or with a `bad_rows` list (--skip_bad_rows) appends (source, reason) to it."""
+  if bad_rows is None:
+    raise ValueError(f"{where}: {reason}; --skip_bad_rows skips and lists such rows")
+  bad_rows.append((source, reason))
+
+
+def _numbered_lines(path: str) -> list[tuple[int, list[str]]]:
+  """(1-based line number, whitespace-separated fields) of the non-blank lines of a file."""
+  return [(i + 1, line.split()) for i, line in enumerate(_read_text(path).splitlines())
+          if line.strip()]
+
+
+def _subset(fmt: str, split: str | None, choices: dict[str, str]) -> str:
+  """The annotation subset `--split` names for `fmt`."""
+  if split not in choices:
+    raise ValueError(f"--format={fmt} reads the subset that --split names: one of "
+                     f"{list(choices)}, got {split!r}")
+  return choices[split]
+
+
+def _check_split_id(fmt: str, split_id) -> None:
+  if split_id not in (1, 2, 3):
+    raise ValueError(f"--format={fmt}: --split_id must be 1, 2 or 3, got {split_id!r}")
+
+
+def _files(directory: str, pattern: str, what: str) -> list[tuple[str, str]]:
+  """Sorted (class name, file name) of the files in `directory` matching `pattern` (a regex
+  with a `cls` group)."""
+  _check_dir(directory, "annotation directory")
+  regex = re.compile(pattern)
+  out = sorted((m.group("cls"), name) for name in os.listdir(directory)
+               if (m := regex.fullmatch(name)))
+  if not out:
+    raise FileNotFoundError(f"no {what} files in {directory!r}")
+  return out
+
+
+def _segment_problem(start: float, end: float) -> str | None:
+  """Why (start, end) in seconds is not a usable segment, or None."""
+  if not (math.isfinite(start) and math.isfinite(end)):
+    return f"segment times must be finite, got {start:g} {end:g}"
+  if start < 0:
+    return f"segment starts before 0 s ({start:g})"
+  if end <= start:
+    return f"segment end {end:g} <= start {start:g}"
+  return None
+
+
+def _segment_clip(vid: str, video: str, source: str, segments: Iterable[tuple[float, float, int]],
+                  texts: Sequence[str], alt_videos: tuple[str, ...] = ()) -> Clip:
+  """One untrimmed video with its segments (see thumos14 in the module docstring)."""
+  segments = tuple(sorted(segments))
+  labels = list(dict.fromkeys(label for _, _, label in segments))  # distinct, in time order
+  single = labels[0] if len(labels) == 1 else None
+  return Clip(id=vid, video=video, alt_videos=alt_videos,
+              captions=(", ".join(texts[i] for i in labels) or vid,), label_index=single,
+              label_text=None if single is None else texts[single], segments=segments,
+              source=source)
+
+
+def parse_hmdb51(path: str, split: str | None = None, split_id: int = 1,
+                 bad_rows: list | None = None, **_) -> Annotations:
+  flag = {"train": "1", "test": "2"}[_subset("hmdb51", split, {"train": "train", "test": "test"})]
+  _check_split_id("hmdb51", split_id)
+  files = _files(path, rf"(?P<cls>.+)_test_split{split_id}\.txt",
+                 f"HMDB51 split ('<class>_test_split{split_id}.txt')")
+  text = {folder: folder.replace("_", " ").strip() for folder, _ in files}
+  names, index = _label_index(text.values(), None)
+  clips = []
+  for folder, name in files:
+    file_path = os.path.join(path, name)
+    for lineno, fields in _numbered_lines(file_path):
+      if len(fields) != 2 or fields[1] not in ("0", "1", "2"):
+        _bad_row(bad_rows, f"{file_path}:{lineno}", f"{name}:{lineno}",
+                 f"expected '<video file> <0|1|2>', got {' '.join(fields)!r}")
+        continue
+      if fields[1] == flag:
+        t = text[folder]
+        clips.append(Clip(id=_stem(fields[0]), video=fields[0], dirs=(folder, ""),
+                          captions=(t,), label_index=index[t], label_text=t,
+                          source=f"{name}:{lineno}"))
+  return Annotations(clips, names)
+
+
+def _ucf_classes(path: str) -> list[str]:
+  """classInd.txt (`<index from 1> <ClassName>` lines) -> class names by index - 1. A bad
+  line always raises: it would shift every label."""
+  by_index: dict[int, tuple[str, int]] = {}
+  lines: dict[str, int] = {}
+  for lineno, fields in _numbered_lines(path):
+    if len(fields) != 2 or not fields[0].isdigit() or int(fields[0]) < 1:
+      raise ValueError(f"{path}:{lineno}: expected '<index from 1> <ClassName>', got "
+                       f"{' '.join(fields)!r}")
+    i, name = int(fields[0]), fields[1]
+    if i in by_index or name in lines:
+      first = by_index[i][1] if i in by_index else lines[name]
+      raise ValueError(f"{path}:{lineno}: index {i} or class {name!r} is already on line {first}")
+    by_index[i], lines[name] = (name, lineno), lineno
+  missing = sorted(set(range(1, len(by_index) + 1)) - set(by_index))
+  if not by_index or missing:
+    raise ValueError(f"{path}: the indices must be 1..{len(by_index)}; missing {missing}")
+  return [by_index[i][0] for i in range(1, len(by_index) + 1)]
+
+
+def parse_ucf101(path: str, split: str | None = None, split_id: int = 1,
+                 bad_rows: list | None = None, **_) -> Annotations:
+  kind = _subset("ucf101", split, {"train": "trainlist", "test": "testlist"})
+  if os.path.isdir(path):
+    _check_split_id("ucf101", split_id)
+    list_path = os.path.join(path, f"{kind}{split_id:02d}.txt")
+  else:
+    list_path = path
+  class_path = os.path.join(os.path.dirname(list_path), "classInd.txt")
+  _check_file(class_path, "UCF101 class list")
+  _check_file(list_path, "UCF101 split list")
+  folders = _ucf_classes(class_path)
+  texts = [camel_words(f) for f in folders]
+  exact = {f: i for i, f in enumerate(folders)}
+  folded = {f.lower(): i for i, f in enumerate(folders)}
+  name = os.path.basename(list_path)
+  clips = []
+  for lineno, fields in _numbered_lines(list_path):
+    where, source = f"{list_path}:{lineno}", f"{name}:{lineno}"
+    folder, _, video = (fields[0] if fields else "").replace("\\", "/").rpartition("/")
+    if (len(fields) not in (1, 2) or not folder or not video
+        or (len(fields) == 2 and not fields[1].isdigit())):
+      _bad_row(bad_rows, where, source, "expected '<Class>/<file>.avi [<label from 1>]', got "
+               f"{' '.join(fields)!r}")
+      continue
+    i = exact.get(folder, folded.get(folder.lower()))
+    if i is None:
+      _bad_row(bad_rows, where, source, f"unknown class {folder!r} (not in classInd.txt)")
+      continue
+    if len(fields) == 2 and int(fields[1]) != i + 1:
+      _bad_row(bad_rows, where, source, f"label {fields[1]} is not that of class {folder!r} "
+               f"({i + 1} in classInd.txt)")
+      continue
+    clips.append(Clip(id=_stem(video), video=video,
+                      dirs=tuple(dict.fromkeys((folder, folders[i], ""))),
+                      captions=(texts[i],), label_index=i, label_text=texts[i], source=source))
+  return Annotations(clips, texts)
+
+
+def parse_thumos14(path: str, split: str | None = None, bad_rows: list | None = None,
+                   **_) -> Annotations:
+  subset = _subset("thumos14", split, {"val": "val", "validation": "val", "test": "test"})
+  files = [(c, n) for c, n in _files(path, rf"(?P<cls>.+)_{subset}\.txt",
+                                     f"THUMOS14 annotation ('<Class>_{subset}.txt')")
+           if c.lower() != "ambiguous"]  # regions left out of the evaluation, not a class
+  if not files:
+    raise FileNotFoundError(f"no THUMOS14 class files '<Class>_{subset}.txt' in {path!r}")
+  texts = [camel_words(c) for c, _ in files]
+  videos: dict[str, list] = {}  # video name -> [source of its first segment, segments]
+  for label, (_, name) in enumerate(files):
+    file_path = os.path.join(path, name)
+    for lineno, fields in _numbered_lines(file_path):
+      where, source = f"{file_path}:{lineno}", f"{name}:{lineno}"
+      try:
+        if len(fields) != 3:
+          raise ValueError
+        start, end = float(fields[1]), float(fields[2])
+      except ValueError:
+        _bad_row(bad_rows, where, source, "expected '<video name> <start s> <end s>', got "
+                 f"{' '.join(fields)!r}")
+        continue
+      problem = _segment_problem(start, end)
+      if problem:
+        _bad_row(bad_rows, where, source, problem)
+        continue
+      videos.setdefault(fields[0], [source, []])[1].append((start, end, label))
+  clips = [_segment_clip(v, v, source, segs, texts) for v, (source, segs) in sorted(
+      videos.items())]
+  return Annotations(clips, texts)
+
+
+def _is_number(x) -> bool:
+  return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def parse_activitynet(path: str, split: str | None = None, bad_rows: list | None = None,
+                      **_) -> Annotations:
+  subset = _subset("activitynet", split, {"training": "training", "validation": "validation",
+                                          "train": "training", "val": "validation"})
+  try:
+    data = json.loads(_read_text(path))
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+  db = data.get("database") if isinstance(data, dict) else None
+  if not isinstance(db, dict):
+    raise ValueError(f"{path}: no \"database\" object (ActivityNet-1.3 JSON: {{\"database\": "
+                     "{video id: {\"subset\", \"annotations\"}}})")
+
+  def annotations(e) -> list:
+    a = e.get("annotations") if isinstance(e, dict) else None
+    return a if isinstance(a, list) else []
+
+  names, index = _label_index(
+      (a["label"].strip() for e in db.values() for a in annotations(e)
+       if isinstance(a, dict) and isinstance(a.get("label"), str) and a["label"].strip()),
+      None)
+  clips = []
+  for vid, e in db.items():
+    key = f"database.{vid}"
+    if not isinstance(e, dict):
+      _bad_row(bad_rows, f"{path}: {key}", key, f"a {type(e).__name__}, not a JSON object")
+      continue
+    if e.get("subset") != subset:
+      continue
+    if not isinstance(e.get("annotations", []), list):
+      _bad_row(bad_rows, f"{path}: {key}.annotations", f"{key}.annotations", "not a list")
+      continue
+    segments = []
+    for i, a in enumerate(e.get("annotations", [])):
+      akey = f"{key}.annotations[{i}]"
+      seg = a.get("segment") if isinstance(a, dict) else None
+      label = a.get("label") if isinstance(a, dict) else None
+      if not (isinstance(seg, list) and len(seg) == 2 and all(map(_is_number, seg))
+              and isinstance(label, str) and label.strip()):
+        _bad_row(bad_rows, f"{path}: {akey}", akey,
+                 f"expected {{\"segment\": [start, end], \"label\": name}}, got {a!r}"[:200])
+        continue
+      problem = _segment_problem(float(seg[0]), float(seg[1]))
+      if problem:
+        _bad_row(bad_rows, f"{path}: {akey}", akey, problem)
+        continue
+      segments.append((float(seg[0]), float(seg[1]), index[label.strip()]))
+    clips.append(_segment_clip(vid, f"v_{vid}", key, segments, names, alt_videos=(vid,)))
+  return Annotations(clips, names)
+
+
 PARSERS: dict[str, Callable[..., Annotations]] = {
     "webvid": parse_webvid,
     "cc3m": parse_cc3m,
@@ -466,6 +756,10 @@ PARSERS: dict[str, Callable[..., Annotations]] = {
     "msvd_qa": parse_msvd_qa,
     "kinetics": parse_kinetics,
     "jsonl": parse_jsonl,
+    "hmdb51": parse_hmdb51,
+    "ucf101": parse_ucf101,
+    "thumos14": parse_thumos14,
+    "activitynet": parse_activitynet,
 }
 FORMATS = tuple(PARSERS)
 
@@ -486,19 +780,27 @@ def load_video_list(path: str) -> set[str]:
   return {_stem(line.split(",")[0].strip()) for line in lines}
 
 
+_OWN_CLASSES = ("hmdb51", "ucf101", "thumos14", "activitynet")
+
+
 def parse(fmt: str, path: str, *, classes: str | None = None, msvd_mapping: str | None = None,
-          video_list: str | None = None, skip_bad_rows: bool = False) -> Annotations:
+          video_list: str | None = None, skip_bad_rows: bool = False, split: str | None = None,
+          split_id: int = 1) -> Annotations:
   """Parses an annotation file of format `fmt` (see the module docstring).
 
   Args:
     fmt: one of `FORMATS`.
-    path: annotation file.
+    path: annotation file (a directory for hmdb51 / thumos14; either for ucf101).
     classes: optional class-list file (one name per line; line i = label index i) for
       `kinetics` / `jsonl` string labels; default: the sorted set of labels in the file.
     msvd_mapping: optional `youtube_mapping.txt` for `msvd_qa`.
     video_list: optional file of clip ids to keep.
-    skip_bad_rows: a malformed line of a JSON / JSONL file (not JSON, not an object) becomes a
-      clip with `error` (reported as skipped, with its line) instead of stopping the parse.
+    skip_bad_rows: a malformed row (a line of a JSON / JSONL file that is not JSON or not an
+      object; for the action formats also an unknown class or a bad segment) becomes a clip
+      with `error` (reported as skipped, with its place) instead of stopping the parse.
+    split: the subset to read, for hmdb51 / ucf101 (`train`, `test`), thumos14 (`val`,
+      `test`) and activitynet (`training`, `validation`, or `train`, `val`).
+    split_id: the official split, 1-3, for hmdb51 / ucf101.
 
   Raises:
     ValueError: unknown format, or a file that is not in the format (names the file, line
@@ -507,12 +809,18 @@ def parse(fmt: str, path: str, *, classes: str | None = None, msvd_mapping: str 
   """
   if fmt not in PARSERS:
     raise ValueError(f"unknown annotation format {fmt!r}; choose one of {list(FORMATS)}")
-  _check_file(path)
+  if fmt in ("hmdb51", "thumos14"):
+    _check_dir(path, "annotation directory")
+  elif not (fmt == "ucf101" and os.path.isdir(path or "")):
+    _check_file(path)
+  if classes and fmt in _OWN_CLASSES:
+    raise ValueError(f"--format={fmt} takes its classes from its annotations; drop --classes")
   class_names = load_lines(classes, "class list") if classes else None
   if msvd_mapping:
     _check_file(msvd_mapping, "MSVD mapping file")
   bad_rows = [] if skip_bad_rows else None
-  ann = PARSERS[fmt](path, classes=class_names, msvd_mapping=msvd_mapping, bad_rows=bad_rows)
+  ann = PARSERS[fmt](path, classes=class_names, msvd_mapping=msvd_mapping, bad_rows=bad_rows,
+                     split=split, split_id=split_id)
   ann.clips += [Clip(id="", video="", source=source, error=f"malformed row: {reason}")
                 for source, reason in bad_rows or ()]
   if video_list:

@@ -36,6 +36,7 @@ from concurrent.futures.process import BrokenProcessPool
 from collections.abc import Callable, Iterable, Iterator
 from tqdm import tqdm
 
+from vlp_jax.data import classes as classes_lib
 from vlp_jax.data import records, tokenizer
 from vlp_jax.data.ingest import decode
 from vlp_jax.data.ingest.annotations import Annotations, Clip
@@ -133,7 +134,9 @@ def ordered_results(jobs: Iterable, fn: Callable, workers: int,
 def _digest(clips: list[Clip]) -> str:
   h = hashlib.sha256()
   for c in clips:
-    h.update(repr(c).encode())  # the dataclass repr lists every field
+    h.update(repr(c).encode())  # the dataclass repr lists every field but the two below
+    if c.segments is not None or c.alt_videos:
+      h.update(repr((c.segments, c.alt_videos)).encode())
   return h.hexdigest()
 
 
@@ -225,7 +228,24 @@ def _example(clip: Clip, d: decode.Decoded):
       label_text=clip.label_text,
       questions=None if clip.questions is None else list(clip.questions),
       answers=None if clip.answers is None else list(clip.answers),
-      start_us=d.start_us, end_us=d.end_us)
+      start_us=d.start_us, end_us=d.end_us, segments=clip.segments)
+
+
+def _write_classes(out_dir: str, classes: list[str]) -> None:
+  """OUT/classes.txt (line i = label index i), what `data.classes` = "" reads; every split of
+  a directory must share one class list."""
+  path = os.path.join(out_dir, classes_lib.CLASSES_FILE)
+  if os.path.exists(path):
+    have = classes_lib.read_class_names(path)
+    if have != list(classes):
+      raise ValueError(f"{path} lists {len(have)} classes ({have[:3]}...), this split's "
+                       f"annotations {len(classes)} ({list(classes)[:3]}...): ingest splits with "
+                       "different class lists into different --out directories")
+    return
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write("".join(name + "\n" for name in classes))
+  os.replace(tmp, path)
 
 
 def ingest(ann: Annotations | list[Clip], *, out_dir: str, split: str,
@@ -326,6 +346,8 @@ def ingest(ann: Annotations | list[Clip], *, out_dir: str, split: str,
                  partial=len(partial), shards=num_shards, shards_resumed=len(done),
                  seconds=round(time.time() - start_time, 2), settings=setting_values,
                  video_root=settings.video_root, vocab=vocab_info, classes=classes)
+  if classes:
+    _write_classes(out_dir, classes)
   meta_path = os.path.join(out_dir, "ingest.json")
   meta = _read_json(meta_path) or {}
   meta.setdefault("splits", {})[split] = summary
