@@ -1,7 +1,8 @@
 """Prompt-CLIP (Ju et al., ECCV 2022): prompt learning and temporal modelling on a frozen CLIP
 for video understanding. Task `clip_pretrain` trains the CLIP it freezes, in-repo;
 `prompt_clip_action` learns prompts and a temporal model on its cached frame features
-(closed-set, few-shot and open-set action recognition). Importing this package registers them."""
-from vlp_jax.methods.prompt_clip import action, clip_pretrain
+(closed-set, few-shot and open-set action recognition); `prompt_clip_localization` classifies
+proposals of untrimmed videos with that model (mAP). Importing this package registers them."""
+from vlp_jax.methods.prompt_clip import action, clip_pretrain, localization
 
-__all__ = ["action", "clip_pretrain"]
+__all__ = ["action", "clip_pretrain", "localization"]
