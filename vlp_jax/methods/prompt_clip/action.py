@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -491,6 +492,17 @@ class PromptClipActionTask(task_lib.Task):
       labels = np.asarray([where[int(c)] for c in f["labels"][clips]], np.int64)
       accuracies.append(classification.topk_accuracy(scores, labels, 1))
     return classification.base_to_novel_metrics(*accuracies)
+
+  # ---- export ---------------------------------------------------------------------------------
+
+  def export(self, params: dict[str, Any], out_dir: str, *, platforms: Sequence[str]
+             ) -> dict[str, Any]:
+    """Writes OUT/clip (the frozen CLIP with its tokenizer), OUT/prompt_clip.safetensors and
+    .json (prompts, temporal model, their config and the class names) and OUT/artifact
+    (`jax.export` encode_classes / classify and a standalone load_artifact.py); see
+    `methods/prompt_clip/export.py`."""
+    from vlp_jax.methods.prompt_clip import export as export_lib  # noqa: PLC0415  (export only)
+    return export_lib.export_prompt_clip(self, params, out_dir, platforms=platforms)
 
   def evaluators(self) -> dict[str, task_lib.Evaluator]:
     """`action` (closed-set, all classes), `fewshot` (N-way K-shot episodes), `openset`
