@@ -67,7 +67,7 @@ def test_export_writes_clip_prompts_and_artifact(exported):
   np.testing.assert_array_equal(trained["prompts/prompts"], run.params["prompts"]["prompts"])
   assert any(k.startswith("temporal/encoder/") for k in trained)
   assert sorted(os.listdir(os.path.join(out, "artifact"))) == [
-      "artifact.json", "classify.jaxexport", "classify.safetensors",
+      "artifact.json", "artifact_loader.py", "classify.jaxexport", "classify.safetensors",
       "encode_classes.jaxexport", "encode_classes.safetensors", "load_artifact.py"]
 
 

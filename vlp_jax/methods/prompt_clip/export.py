@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vlp_jax.convert import artifact_loader
 from vlp_jax.convert import clip as convert_clip
 from vlp_jax.convert import hf_io
 from vlp_jax.convert.export import flatten, unflatten
@@ -145,6 +146,8 @@ def export_artifact(task, params: dict[str, Any], out_dir: str, platforms: Seque
   shutil.copyfile(os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                "prompt_clip_loader.py"),
                   os.path.join(out_dir, "load_artifact.py"))
+  # Its safetensors reader (the one ALPRO's standalone loader has).
+  shutil.copyfile(artifact_loader.__file__, os.path.join(out_dir, "artifact_loader.py"))
   return out_dir
 
 

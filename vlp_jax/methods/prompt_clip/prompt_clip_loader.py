@@ -28,35 +28,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import struct
 
 import jax
 import numpy as np
 from jax import export as jax_export
 
-_DTYPES = {"F32": np.float32, "F16": np.float16, "I32": np.int32, "I64": np.int64}
-
-
-def read_safetensors(file: str) -> dict[str, np.ndarray]:
-  """All tensors of a safetensors file as numpy arrays (no safetensors package needed)."""
-  with open(file, "rb") as f:
-    blob = f.read()
-  if len(blob) < 8:
-    raise ValueError(f"{file} is not a safetensors file (too short)")
-  (n,) = struct.unpack("<Q", blob[:8])
-  if 8 + n > len(blob):
-    raise ValueError(f"{file} is truncated (header of {n} bytes, file of {len(blob)})")
-  header = json.loads(blob[8:8 + n])
-  out = {}
-  for name, info in header.items():
-    if name == "__metadata__":
-      continue
-    start, end = info["data_offsets"]
-    if 8 + n + end > len(blob):
-      raise ValueError(f"{file} is truncated: tensor {name!r} ends past the end of the file")
-    out[name] = np.frombuffer(blob[8 + n + start:8 + n + end],
-                              dtype=_DTYPES[info["dtype"]]).reshape(info["shape"])
-  return out
+try:  # an exported artifact directory: export copies that module next to this one
+  from artifact_loader import read_safetensors
+except ImportError:  # inside vlp_jax
+  from vlp_jax.convert.artifact_loader import read_safetensors
 
 
 def prompt_tokens(encoded: list[list[int]], names: list[str], num_prefix: int, num_suffix: int,
