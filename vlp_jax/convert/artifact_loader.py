@@ -54,6 +54,20 @@ def read_safetensors(file: str) -> dict[str, np.ndarray]:
   return out
 
 
+def load_functions(directory: str) -> tuple[dict, dict, dict]:
+  """An artifact directory's `artifact.json`, and per function it lists the jitted
+  `jax.export` call and its params (`<name>.jaxexport`, `<name>.safetensors`)."""
+  with open(os.path.join(directory, "artifact.json"), encoding="utf-8") as f:
+    meta = json.load(f)
+  fns, params = {}, {}
+  for name in meta["functions"]:
+    with open(os.path.join(directory, f"{name}.jaxexport"), "rb") as f:
+      exported = jax_export.deserialize(bytearray(f.read()))
+    fns[name] = jax.jit(exported.call)
+    params[name] = read_safetensors(os.path.join(directory, f"{name}.safetensors"))
+  return meta, fns, params
+
+
 class Artifact:
   """The exported `encode_video` / `encode_text` functions with their params and tokenizer.
 
@@ -64,14 +78,7 @@ class Artifact:
 
   def __init__(self, directory: str):
     self.directory = directory
-    with open(os.path.join(directory, "artifact.json"), encoding="utf-8") as f:
-      self.meta = json.load(f)
-    self._fns, self._params = {}, {}
-    for name in self.meta["functions"]:
-      with open(os.path.join(directory, f"{name}.jaxexport"), "rb") as f:
-        exported = jax_export.deserialize(bytearray(f.read()))
-      self._fns[name] = jax.jit(exported.call)
-      self._params[name] = read_safetensors(os.path.join(directory, f"{name}.safetensors"))
+    self.meta, self._fns, self._params = load_functions(directory)
     self._tokenizer = None
 
   # ------------------------------------------------------------------- video

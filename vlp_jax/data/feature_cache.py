@@ -714,21 +714,16 @@ def crop_window(first_frame: bytes) -> tuple[np.ndarray, bool]:
 @functools.cache
 def _decoder(image_size: int):
   import tensorflow as tf  # noqa: PLC0415  (see describe_source)
+
+  from vlp_jax.data import pipeline  # noqa: PLC0415  (tensorflow)
   mean, std = tf.constant(CLIP_MEAN), tf.constant(CLIP_STD)
 
   @tf.function(input_signature=[tf.TensorSpec([None], tf.string), tf.TensorSpec([4], tf.int32),
                                 tf.TensorSpec([], tf.bool)])
   def decode(frames, window, png):
-    # The input pipeline's evaluation decode (`pipeline.Loader._decode`), op for op, so the
-    # cached features are those of the frames training would otherwise decode.
-    def decode_one(frame):
-      img = tf.cond(
-          png, lambda: tf.image.crop_to_bounding_box(tf.io.decode_png(frame, channels=3),
-                                                     window[0], window[1], window[2], window[3]),
-          lambda: tf.io.decode_and_crop_jpeg(frame, window, channels=3))
-      return tf.image.resize(img, [image_size, image_size], method="bilinear", antialias=True)
-
-    video = tf.map_fn(decode_one, frames,
+    # The input pipeline's evaluation decode, so the cached features are those of the frames
+    # training would otherwise decode.
+    video = tf.map_fn(lambda frame: pipeline.decode_frame(frame, window, png, image_size), frames,
                       fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32))
     return (video / 255.0 - mean) / std
 

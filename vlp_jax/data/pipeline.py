@@ -122,6 +122,16 @@ def swap_words(captions: tf.Tensor, pairs: tuple[tuple[str, str], ...]) -> tf.Te
   return out
 
 
+def decode_frame(frame: tf.Tensor, window: tf.Tensor, png: tf.Tensor, size: int) -> tf.Tensor:
+  """One stored frame (JPEG or PNG bytes) cropped to `window` int32 [4] (top, left, height,
+  width) and resized to float32 [size, size, 3] in 0..255 (bilinear, antialiased)."""
+  img = tf.cond(
+      png, lambda: tf.image.crop_to_bounding_box(tf.io.decode_png(frame, channels=3),
+                                                 window[0], window[1], window[2], window[3]),
+      lambda: tf.io.decode_and_crop_jpeg(frame, window, channels=3))
+  return tf.image.resize(img, [size, size], method="bilinear", antialias=True)
+
+
 class Loader:
   """Host-local batches of one split.
 
@@ -458,14 +468,7 @@ class Loader:
       side = tf.minimum(h, w)
       window = tf.stack([(h - side) // 2, (w - side) // 2, side, side])
 
-    def decode_one(frame):
-      img = tf.cond(
-          png, lambda: tf.image.crop_to_bounding_box(tf.io.decode_png(frame, channels=3),
-                                                     window[0], window[1], window[2], window[3]),
-          lambda: tf.io.decode_and_crop_jpeg(frame, window, channels=3))
-      return tf.image.resize(img, [size, size], method="bilinear", antialias=True)
-
-    frames = tf.map_fn(decode_one, jpegs,
+    frames = tf.map_fn(lambda frame: decode_frame(frame, window, png, size), jpegs,
                        fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32))
     video = tf.gather(frames, x["frame_pos"])
     if self.training and self.cfg.flip:

@@ -146,7 +146,7 @@ def export_artifact(task, params: dict[str, Any], out_dir: str, platforms: Seque
   shutil.copyfile(os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                "prompt_clip_loader.py"),
                   os.path.join(out_dir, "load_artifact.py"))
-  # Its safetensors reader (the one ALPRO's standalone loader has).
+  # Its artifact reader (`load_functions`, ALPRO's standalone loader's).
   shutil.copyfile(artifact_loader.__file__, os.path.join(out_dir, "artifact_loader.py"))
   return out_dir
 

@@ -29,14 +29,12 @@ import argparse
 import json
 import os
 
-import jax
 import numpy as np
-from jax import export as jax_export
 
 try:  # an exported artifact directory: export copies that module next to this one
-  from artifact_loader import read_safetensors
+  from artifact_loader import load_functions
 except ImportError:  # inside vlp_jax
-  from vlp_jax.convert.artifact_loader import read_safetensors
+  from vlp_jax.convert.artifact_loader import load_functions
 
 
 def prompt_tokens(encoded: list[list[int]], names: list[str], num_prefix: int, num_suffix: int,
@@ -89,14 +87,7 @@ class PromptClipArtifact:
 
   def __init__(self, directory: str):
     self.directory = directory
-    with open(os.path.join(directory, "artifact.json"), encoding="utf-8") as f:
-      self.meta = json.load(f)
-    self._fns, self._params = {}, {}
-    for name in self.meta["functions"]:
-      with open(os.path.join(directory, f"{name}.jaxexport"), "rb") as f:
-        exported = jax_export.deserialize(bytearray(f.read()))
-      self._fns[name] = jax.jit(exported.call)
-      self._params[name] = read_safetensors(os.path.join(directory, f"{name}.safetensors"))
+    self.meta, self._fns, self._params = load_functions(directory)
     self._tokenizer = None
     self._class_cache: dict[tuple[str, ...], np.ndarray] = {}
 
