@@ -365,6 +365,15 @@ def test_action_evaluator_on_known_answers(world, tmp_path):
   want = classification.action_metrics(np.stack(scores), np.asarray([y for *_, y in clips]))
   for k, v in want.items():
     assert m[k] == pytest.approx(v, abs=1e-6), k
+  assert "action/opposite_acc" not in m
+  # Time-reversed pairs by name: clips of classes 0-3 (ok-0..3, wrong-0, mixed-2) count.
+  ev.opposites = ("moving left|moving right", "moving up|moving down")
+  m = task.evaluators()["action"](params, _records_pass(ids), mesh, rules, ev)
+  assert m["action/opposite_acc"] == pytest.approx(100 * 5 / 6)
+  ev.opposites = ("moving left|sliding",)
+  with pytest.raises(ValueError, match="'sliding' is not one of the 6 classes"):
+    task.evaluators()["action"](params, _records_pass(ids), mesh, rules, ev)
+  ev.opposites = ()
   # Only the clips the records list are evaluated; a listed clip the cache lacks is an error.
   assert task.evaluators()["action"](params, _records_pass(ids[:3]), mesh, rules,
                                      ev)["action/clips"] == 3
@@ -456,6 +465,26 @@ def test_configuration_errors_name_the_fix(world, tmp_path):
   task = _task(_config(world, **{"data.classes": classes}))
   with pytest.raises(ValueError, match=r"class 'moving moving.*' has 12 tokens"):
     task.init_collections(jax.random.PRNGKey(0))
+  with pytest.raises(ValueError, match="exactly one"):
+    _ = _task(_config(world, **{"model.prompts.template": "a video"})).all_tokens
+
+
+def test_template_wraps_every_class_name(world):
+  """The template's words are real tokens around the name; the learned slots go around the
+  templated text, and P = Q = 0 leaves the template alone."""
+  plain = _task(_config(world)).all_tokens
+  task = _task(_config(world, **{"model.prompts.template": "a {} video",
+                                 "model.prompts.prefix": 0, "model.prompts.suffix": 0}))
+  tok = task.tokenizer
+  for name, ids, eot in zip(NAMES, task.all_tokens.ids, task.all_tokens.eot_index):
+    want = tok(f"a {name} video", add_special_tokens=False)["input_ids"]
+    np.testing.assert_array_equal(ids[1:eot], want)
+  assert (task.all_tokens.slot == -1).all()
+  assert (task.all_tokens.ids[:, 0] == tok.bos_token_id).all()
+  # Around the template (P = Q = 2): the name's tokens 2 slots later, the EOT 4 later.
+  wrapped = _task(_config(world, **{"model.prompts.template": "a {} video"})).all_tokens
+  np.testing.assert_array_equal(wrapped.eot_index, task.all_tokens.eot_index + 4)
+  assert plain.table_rows == wrapped.table_rows == 4
 
 
 def _train_losses(workdir):

@@ -96,3 +96,11 @@ def test_bad_inputs_name_the_problem():
     prompts.build_prompt_tokens(_Tokenizer(), NAMES, 4, 5, context_length=14)
   with pytest.raises(ValueError, match="layout"):
     prompts.build_prompt_tokens(_Tokenizer(), NAMES, 1, 1, layout="nope")
+
+
+def test_template_checks_its_single_slot():
+  assert prompts.check_template("a video of a {}.") == "a video of a {}."
+  assert prompts.check_template("{}").format("x") == "x"
+  for bad in ("a video", "{} and {}", "a {0}", "a {} }"):
+    with pytest.raises(ValueError, match="exactly one"):
+      prompts.check_template(bad)

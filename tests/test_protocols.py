@@ -123,6 +123,33 @@ def test_metric_input_errors():
     cls.topk_accuracy(scores, np.array([0, 1, 2]), 1)
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_opposite_accuracy_matches_a_naive_loop(seed):
+  rng = np.random.default_rng(seed)
+  scores = rng.integers(0, 3, (60, 6)).astype(float)  # many ties: they count against
+  labels = rng.integers(0, 6, 60)
+  pairs = [(0, 1), (4, 2)]
+  opposite = {0: 1, 1: 0, 4: 2, 2: 4}
+  rows = [i for i in range(60) if labels[i] in opposite]
+  hits = [scores[i, labels[i]] > scores[i, opposite[labels[i]]] for i in rows]
+  assert cls.opposite_accuracy(scores, labels, pairs) == pytest.approx(
+      100.0 * sum(hits) / len(rows))
+
+
+def test_opposite_accuracy_hand_case_and_errors():
+  scores = np.array([[2.0, 1.0, 9.0], [2.0, 1.0, 0.0], [0.0, 0.0, 5.0], [0.0, 0.0, 5.0]])
+  # clip 0 (class 0) beats 1; clip 1 (class 1) loses to 0; clip 2 ties (against); clip 3 is
+  # of the unpaired class 2 and does not count.
+  assert cls.opposite_accuracy(scores, np.array([0, 1, 1, 2]), [(0, 1)]) == pytest.approx(
+      100 / 3)
+  with pytest.raises(ValueError, match="no clip"):
+    cls.opposite_accuracy(scores, np.array([2, 2, 2, 2]), [(0, 1)])
+  with pytest.raises(ValueError, match="two pairs"):
+    cls.opposite_accuracy(scores, np.array([0, 1, 1, 2]), [(0, 1), (1, 2)])
+  with pytest.raises(ValueError, match="outside"):
+    cls.opposite_accuracy(scores, np.array([0, 1, 1, 2]), [(0, 3)])
+
+
 def test_harmonic_mean_hand_values():
   assert cls.harmonic_mean(0, 0) == 0.0
   assert cls.harmonic_mean(100, 0) == 0.0

@@ -117,6 +117,40 @@ def action_metrics(scores, labels) -> dict[str, float]:
           "action/mean_class": mean_class_accuracy(scores, labels)}
 
 
+def opposite_accuracy(scores, labels, pairs) -> float:
+  """Percent of the clips of a paired class that score their class above its opposite.
+
+  Time-reversed pairs (left / right, grows / shrinks) isolate what only frame order tells:
+  a model that pools frames without order sees the same frames in both, so it stays at 50
+  on time-symmetric data, whatever it knows about appearance. Ties count against the clip.
+
+  Args:
+    scores: float [N, C] class scores; labels: int [N] in [0, C).
+    pairs: int [M, 2] disjoint class pairs (a, b): a clip of a is right when
+      score[a] > score[b], a clip of b when score[b] > score[a].
+  Returns:
+    Accuracy in percent over the clips whose label is in a pair.
+  Raises:
+    ValueError: no clip of a paired class, a class in two pairs, or one out of range.
+  """
+  scores, labels = _check(scores, labels, "opposite_accuracy")
+  pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
+  c = scores.shape[1]
+  flat = pairs.reshape(-1)
+  if len(flat) and (flat.min() < 0 or flat.max() >= c):
+    raise ValueError(f"opposite_accuracy: pairs {pairs.tolist()} outside [0, C={c})")
+  if len(set(flat.tolist())) != len(flat):
+    raise ValueError(f"opposite_accuracy: a class is in two pairs: {pairs.tolist()}")
+  opposite = np.full(c, -1, np.int64)
+  opposite[pairs[:, 0]], opposite[pairs[:, 1]] = pairs[:, 1], pairs[:, 0]
+  other = opposite[labels]
+  keep = other >= 0
+  if not keep.any():
+    raise ValueError(f"opposite_accuracy: no clip of the paired classes {pairs.tolist()}")
+  rows = np.nonzero(keep)[0]
+  return 100.0 * float(np.mean(scores[rows, labels[rows]] > scores[rows, other[rows]]))
+
+
 def harmonic_mean(a: float, b: float) -> float:
   """2ab / (a + b) of two non-negative accuracies; 0 when both are 0.
 

@@ -25,6 +25,21 @@ import numpy as np
 LAYOUTS = ("shared", "official")
 
 
+def check_template(template: str) -> str:
+  """A hand-written template around the class name ("a video of a {}."), returned as is.
+
+  The learned vectors go around the templated text; with P = Q = 0 the template alone is the
+  zero-shot baseline of Radford et al.
+  Raises:
+    ValueError: the template does not hold exactly one "{}" (and no other braces).
+  """
+  if template.count("{}") != 1 or template.replace("{}", "").count("{") or \
+      template.replace("{}", "").count("}"):
+    raise ValueError(f"a prompt template holds the class name as exactly one '{{}}' and no "
+                     f"other braces, got {template!r}")
+  return template
+
+
 @dataclasses.dataclass(frozen=True)
 class PromptTokens:
   """Host-side arrays for C texts of length L (all numpy int32).

@@ -27,7 +27,10 @@ picks the training clips: `closed` all classes, `fewshot` a K-shot all-way subse
 
 Evaluators (`config.evals.<name>.type`), each over the cached features of its split's clips:
   action   closed-set over all C classes: the softmax averaged over `windows` (5) evenly spaced
-           windows per clip -> `action/top1`, `action/top5`, `action/mean_class`.
+           windows per clip -> `action/top1`, `action/top5`, `action/mean_class`; with
+           `opposites` (class-name pairs "a|b", e.g. "moving left|moving right") also
+           `action/opposite_acc`: the clips of a paired class scoring it above its opposite
+           (50 for a model blind to frame order on time-symmetric data).
   fewshot  `episodes` N-way K-shot episodes (`n_way`, `k_shot`, `n_query`, `seed`): each query
            clip is scored among its episode's N classes by cos(clip, prompted class text) +
            cos(clip, mean of the class's L2-normalised support clip features), the sum of the
@@ -191,6 +194,26 @@ class PromptClipActionTask(task_lib.Task):
                                    self.config.data.dir or None,
                                    write=jax.process_index() == 0)
 
+  def class_pairs(self, opposites) -> np.ndarray:
+    """int64 [M, 2] class indices of `opposites`, pairs of class names ("a|b" strings or
+    2-sequences).
+
+    Raises:
+      ValueError: a malformed pair or a name that is not a class (naming it).
+    """
+    index = {n: i for i, n in enumerate(self.class_names)}
+    out = []
+    for pair in opposites:
+      names = pair.split("|") if isinstance(pair, str) else list(pair)
+      if len(names) != 2:
+        raise ValueError(f"opposites: {pair!r} is not a pair of class names ('a|b')")
+      for n in names:
+        if n not in index:
+          raise ValueError(f"opposites: {n!r} is not one of the {len(index)} classes "
+                           f"({self.class_names[:8]}...)")
+      out.append([index[n] for n in names])
+    return np.asarray(out, np.int64).reshape(-1, 2)
+
   @functools.cached_property
   def train_classes(self) -> np.ndarray | None:
     """int64 label indices the training classifier scores (open-set: the seen classes, in
@@ -215,10 +238,15 @@ class PromptClipActionTask(task_lib.Task):
     """The CLIP tokenizer saved with the checkpoint (`init.clip`'s directory)."""
     return tok_lib.load_tokenizer(self.clip_dir)
 
+  @functools.cached_property
+  def template(self) -> str:
+    """`model.prompts.template`: the text around each class name, "{}" = the name alone."""
+    return prompts.check_template(str(self.config.model.prompts.get("template", "{}")))
+
   def _tokens(self, names) -> prompts.PromptTokens:
     p = self.config.model.prompts
     return prompts.build_prompt_tokens(
-        self.tokenizer, list(names), int(p.prefix), int(p.suffix),
+        self.tokenizer, [self.template.format(n) for n in names], int(p.prefix), int(p.suffix),
         context_length=self.clip.config.text.max_position, layout=str(p.layout))
 
   @functools.cached_property
@@ -454,6 +482,9 @@ class PromptClipActionTask(task_lib.Task):
                             self.temperature)
     out = classification.action_metrics(scores, f["labels"])
     out["action/clips"] = float(len(f["labels"]))
+    if eval_cfg.get("opposites", ()):
+      out["action/opposite_acc"] = classification.opposite_accuracy(
+          scores, f["labels"], self.class_pairs(eval_cfg.opposites))
     if f["lost"]:
       out["action/uncached_clips"] = float(f["lost"])
     return out

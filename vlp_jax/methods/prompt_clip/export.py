@@ -68,7 +68,7 @@ def run_config(task) -> dict[str, Any]:
   return {
       "format": ARTIFACT_FORMAT, "version": ARTIFACT_VERSION,
       "prompts": {"prefix": int(m.prompts.prefix), "suffix": int(m.prompts.suffix),
-                  "layout": str(m.prompts.layout),
+                  "layout": str(m.prompts.layout), "template": task.template,
                   "table_rows": int(task.all_tokens.table_rows)},
       "temporal": {"layers": int(m.temporal.layers), "heads": int(m.temporal.heads),
                    "max_frames": int(m.temporal.max_frames)},

@@ -118,14 +118,16 @@ class PromptClipArtifact:
     for name in names:
       if not isinstance(name, str) or not name.strip():
         raise ValueError(f"class names must be non-empty strings, got {name!r}")
-    encoded = [e.ids for e in self._tok().encode_batch(names, add_special_tokens=False)]
+    template = self.meta["prompts"].get("template", "{}")
+    texts = [template.format(n) for n in names]
+    encoded = [e.ids for e in self._tok().encode_batch(texts, add_special_tokens=False)]
     t = self.meta["tokens"]
     for name, tokens in zip(names, encoded):
       if not tokens or (t["unk"] is not None and t["unk"] in tokens):
         raise ValueError(f"class {name!r} is unknown to the CLIP tokenizer: it encodes to "
                          f"{tokens} (no tokens, or the unknown token {t['unk']})")
     p = self.meta["prompts"]
-    return prompt_tokens(encoded, names, p["prefix"], p["suffix"], self.meta["context_length"],
+    return prompt_tokens(encoded, texts, p["prefix"], p["suffix"], self.meta["context_length"],
                          p["layout"], t["sot"], t["eot"], t["pad"])
 
   def encode_classes(self, class_names: list[str]) -> np.ndarray:
