@@ -19,7 +19,11 @@ way; the last global batch is padded with valid=False rows.
 
 Selection (`select`): the labelled clips of the split, optionally only those of some classes
 (relabelled by their position among them: open-set training on the seen classes) and then a
-K-shot subset (`protocols.kshot_subset`).
+K-shot subset (`protocols.kshot_subset`); or, with `require_labels=False`, every clip,
+labelled or not. With `choices` (per clip, candidate integers such as the rows of its captions
+in a caption table) only the clips that have some are read, and each training row also draws
+one of its clip's candidates (`choice`) with a generator keyed by (seed, the row's global
+number), as its window is drawn.
 """
 from __future__ import annotations
 
@@ -50,6 +54,11 @@ class FeatureSource:
     expect: metadata the cache must match (`feature_cache.open_cache`), e.g. the fingerprint
       of the CLIP checkpoint the features must come from; None = unchecked.
     allow_missing: read a split whose extraction left shards missing.
+    require_labels: clips must have a label (< `num_classes`); False = every clip is read,
+      its label as stored (-1 = none), and `classes` / `k_shot` cannot be used.
+    choices: video id -> candidate integers (e.g. the table rows of the clip's captions);
+      only clips with at least one are read, and every training row carries one of its
+      clip's candidates drawn uniformly (`choice`). None = no choice (`choice` is -1).
   """
   dir: str
   length: int = 16
@@ -60,6 +69,8 @@ class FeatureSource:
   num_classes: int | None = None
   expect: Mapping[str, Any] | None = None
   allow_missing: bool = False
+  require_labels: bool = True
+  choices: Mapping[str, Sequence[int]] | None = None
 
 
 def open_split(source: FeatureSource, split: str
@@ -99,15 +110,25 @@ def select(index: feature_cache.SplitIndex, source: FeatureSource
 
   Returns:
     (positions int64 [N] into the split, ascending; labels int64 [N]: as stored, or the
-    position of the stored label in `source.classes`).
+    position of the stored label in `source.classes`). With `source.choices`, only the clips
+    that have a candidate.
 
   Raises:
-    ValueError: a clip without a label or with one >= `num_classes`; a K-shot class with
-      fewer than k clips (named with its count); nothing left.
+    ValueError: a clip without a label or with one >= `num_classes` (unless
+      `source.require_labels` is False); a K-shot class with fewer than k clips (named with its
+      count); nothing left.
   """
   positions = np.arange(len(index), dtype=np.int64)
-  check_labels(index, positions, source.num_classes)
   labels = index.labels.astype(np.int64)
+  if not source.require_labels:
+    if source.classes is not None or source.k_shot > 0:
+      raise ValueError("a feature source with require_labels=False cannot select classes or "
+                       "a K-shot subset (they need every clip's label)")
+  else:
+    check_labels(index, positions, source.num_classes)
+  if source.choices is not None:
+    keep = np.asarray([len(source.choices.get(v, ())) > 0 for v in index.video_ids], bool)
+    positions, labels = positions[keep], labels[keep]
   if source.classes is not None:
     lookup = {int(c): i for i, c in enumerate(source.classes)}
     keep = np.asarray([int(c) in lookup for c in labels], bool)
@@ -135,6 +156,8 @@ class FeatureLoader:
     valid: bool [b] (False only on evaluation padding rows).
     clip: int32 [b] the row's clip as its position in `positions` (-1 on padding).
     window: int32 [b] the window number within its clip (evaluation; 0 in training).
+    choice: int32 [b] one of the clip's `source.choices`, drawn per training row (-1 in
+      evaluation, on padding and without `choices`).
     video_id: object [b] of str (host only; "" on padding).
 
   Args:
@@ -210,7 +233,7 @@ class FeatureLoader:
     return dict(features=np.zeros((b, self.source.length, self.dim), np.float32),
                 label=np.full((b,), -1, np.int32), valid=np.zeros((b,), bool),
                 clip=np.full((b,), -1, np.int32), window=np.zeros((b,), np.int32),
-                video_id=np.full((b,), "", object))
+                choice=np.full((b,), -1, np.int32), video_id=np.full((b,), "", object))
 
   def _fill(self, out: dict, i: int, clip: int, frames: np.ndarray, window: int) -> None:
     pos = int(self.positions[clip])
@@ -238,6 +261,11 @@ class FeatureLoader:
         frames = protocols.sample_window(frames_total, self.source.length, rng,
                                          self.source.strides)
         self._fill(out, i, clip, frames, 0)
+        if self.source.choices is not None:
+          # Its own generator: the windows are those of a source without choices.
+          options = self.source.choices[out["video_id"][i]]
+          pick = np.random.default_rng([self.seed, 2, row]).integers(len(options))
+          out["choice"][i] = int(options[pick])
       elif row < self.num_rows:
         clip, w = divmod(row, self.num_windows)
         self._fill(out, i, clip, self._windows[clip][w], w)

@@ -134,6 +134,23 @@ _IMAGE_DOUBLE_TEMPLATES = (
     "a picture of {np1} next to {np2}",
 )
 CAPTIONS_PER_CLIP = 3
+# Where a still image's single shape is (thirds of the frame), appended to its captions: a
+# CLIP trained on the stills then encodes position, which is what tells "moving left" from
+# "moving right" once its frame features are ordered in time.
+_LOCATION_ROWS = ("top", None, "bottom")
+_LOCATION_COLUMNS = ("left", None, "right")
+
+
+def location_phrase(cx: float, cy: float, image_size: int) -> str:
+  """"in the top left corner", "at the top", "on the left", "in the centre", ... of a point
+  (pixels) by the thirds of an image_size frame."""
+  col = _LOCATION_COLUMNS[min(int(3 * cx / image_size), 2)]
+  row = _LOCATION_ROWS[min(int(3 * cy / image_size), 2)]
+  if row and col:
+    return f"in the {row} {col} corner"
+  if row:
+    return f"at the {row}"
+  return f"on the {col}" if col else "in the centre"
 # Question templates; {verb} is a finite motion phrase. Each is asked only when its answer is
 # unambiguous for the clip (e.g. "the shape that moves left" with one leftward shape).
 # "what object ..." has a colour-shape answer ("red circle"): ~56 rare answers, so a small
@@ -171,7 +188,8 @@ def caption_words() -> list[str]:
       + list(_IMAGE_SINGLE_TEMPLATES) + list(_IMAGE_DOUBLE_TEMPLATES)
       + list(ACTION_ANSWERS.values()) + list(COUNT_WORDS.values()) + list(SHAPES) + list(COLOURS)
       + [w for ws in SIZE_WORDS.values() for w in ws] + list(LABEL_TEXT.values())
-      + [p for vs in MOTION_PHRASES.values() for group in vs for p in group] + ["a", "an"])
+      + [p for vs in MOTION_PHRASES.values() for group in vs for p in group] + ["a", "an"]
+      + ["in the top left corner at the bottom on the centre"])
   for ch in "{}:,?":
     text = text.replace(ch, f" {ch} ")
   words = [w for w in text.split() if w not in "{}" and w.isalpha() or w in (":", ",")]
@@ -426,6 +444,9 @@ def render_clip(seed: int, split: str, index: int, num_frames: int, image_size: 
       best = max(best, (_min_distance(cand, objects, num_frames), cand), key=lambda b: b[0])
     tracks = best[1]
   captions = _captions(rng, objects, image=split == IMAGE_SPLIT)
+  if split == IMAGE_SPLIT and len(objects) == 1:
+    where = location_phrase(tracks[0]["x0"], tracks[0]["y0"], image_size)
+    captions = [f"{c} {where}" for c in captions]
   bg = _background(rng, image_size)
   frames = []
   for f in range(num_frames):

@@ -59,7 +59,8 @@ class PromptTokens:
 
 
 def build_prompt_tokens(tokenizer, names: Sequence[str], num_prefix: int, num_suffix: int,
-                        context_length: int = 77, layout: str = "shared") -> PromptTokens:
+                        context_length: int = 77, layout: str = "shared",
+                        kind: str = "class") -> PromptTokens:
   """Token ids, prompt slots and EOT positions of `names` with P / Q prompt vectors.
 
   Args:
@@ -69,6 +70,7 @@ def build_prompt_tokens(tokenizer, names: Sequence[str], num_prefix: int, num_su
     num_prefix, num_suffix: P, Q >= 0.
     context_length: L, the text tower's context (CLIP: 77).
     layout: "shared" or "official" (module docstring).
+    kind: what a text is, for the error naming one that does not fit ("class", "caption").
   Raises:
     ValueError: a name whose tokens do not fit (naming it and its token count), a bad layout.
   """
@@ -89,7 +91,7 @@ def build_prompt_tokens(tokenizer, names: Sequence[str], num_prefix: int, num_su
   encoded = tokenizer(list(names), add_special_tokens=False)["input_ids"]
   for i, (name, tokens) in enumerate(zip(names, encoded)):
     if len(tokens) > room:
-      raise ValueError(f"class {name!r} has {len(tokens)} tokens; with {num_prefix} + "
+      raise ValueError(f"{kind} {name!r} has {len(tokens)} tokens; with {num_prefix} + "
                        f"{num_suffix} prompt vectors and the start / end tokens only {room} "
                        f"fit in the context of {context_length}")
     n = len(tokens)
