@@ -16,12 +16,20 @@ demo's paths; each command resumes or skips what is done):
       --config.init.clip=hf:runs/clip/hf --config.data.features=runs/clip/features \
       --config.data.dir=runs/clip/data
 
-`init.clip` (required) is the frozen CLIP and its tokenizer; `data.features` (required) a cache
-of `launch.extract_features` made with that same CLIP (checked by its weights' fingerprint);
-training from frames, without a cache, is not supported. `data.dir` holds the records the cache
-was extracted from: evaluation reads the split's records once to list its clips (so
-`data.num_frames` / `data.image_size`, what that pass decodes, are kept tiny), and
-`data.classes` "" = DATA_DIR/classes.txt (written from synthetic.json for the synthetic corpus).
+`init.clip` (required) is the frozen CLIP and its tokenizer; `data.features` a cache of
+`launch.extract_features` made with that same CLIP (checked by its weights' fingerprint).
+`data.dir` holds the records the cache was extracted from: evaluation reads the split's records
+once to list its clips (so `data.num_frames` / `data.image_size`, what that pass decodes, are
+kept tiny), and `data.classes` "" = DATA_DIR/classes.txt (written from synthetic.json for the
+synthetic corpus).
+
+Without a cache (`data.features=""`) the task trains from the frames of `data.dir`: the frozen
+CLIP image tower runs in every step (and in evaluation, one window of `data.num_frames` frames
+per clip). Then set `data.num_frames` = `model.num_frames` and `data.image_size` = the CLIP's
+image size (the task names both when they differ); closed-set protocol only:
+  python -m launch.train --config=configs/prompt_clip_action.py:demo --workdir=runs/pclip_frames \
+      --config.init.clip=hf:runs/clip/hf --config.data.dir=runs/clip/data \
+      --config.data.num_frames=8 --config.data.image_size=40
 
 Protocols (`protocol.name`): `closed` (all classes; `protocol.k_shot` > 0 = a K-shot subset),
 `fewshot` (K-shot all-way training, `protocol.k_shot` >= 1), `openset` (train on the seen
@@ -80,7 +88,7 @@ def base() -> ml_collections.ConfigDict:
   for section in ("loss", "pem", "vtm_negatives"):  # ALPRO's objectives
     del c[section]
   c.data.update(
-      features="",              # the feature cache (launch.extract_features --out); required
+      features="",              # the feature cache (launch.extract_features --out); "" = frames
       features_allow_missing=False,  # read a split whose extraction left shards missing
       classes="",               # class names, line i = label i; "" = DATA_DIR/classes.txt
       strides=(1.0, 0.5, 1 / 3, 0.25),  # training windows: fraction of frames taken

@@ -140,6 +140,8 @@ class Loader:
     text_ids, text_mask: int32 [B, L] ([CLS] caption [SEP] pad; L = data_cfg.max_text_len).
     mlm_ids, mlm_labels: int32 [B, L] (labels -100 where not masked and on invalid rows).
     valid: bool [B] (False only on eval padding rows).
+    label: int32 [B] the clip's class (`clip/label/index`); -1 when the record has none, on
+      padding rows and on time-reversed twins.
     video_id: object [B] of bytes (host-only; b"" on padding rows).
   Training: infinite, shuffled, random caption per clip. Eval: one deterministic pass, first
   caption per clip, the last batch padded to `batch_size` with valid=False rows.
@@ -227,7 +229,7 @@ class Loader:
     return tf.data.AUTOTUNE if npc in (-1, None) else int(npc)
 
   def _context_keys(self) -> tuple[str, ...]:
-    keys = (records.VIDEO_ID, records.NUM_FRAMES, records.CAPTIONS)
+    keys = (records.VIDEO_ID, records.NUM_FRAMES, records.CAPTIONS, records.LABEL_INDEX)
     if self.qa:
       keys += (records.QUESTIONS, records.ANSWERS)
     elif not self.training:
@@ -347,6 +349,8 @@ class Loader:
     out["video"] = place(b["video"], tf.reverse(b["video"][:n], axis=[1]))
     out["caption"] = place(caption, swapped)
     out["video_id"] = place(b["video_id"], tf.strings.join([b["video_id"][:n], "#reversed"]))
+    # A reversed clip's class is not known generically (no class map of opposites here).
+    out["label"] = place(b["label"], tf.fill([n], tf.constant(-1, b["label"].dtype)))
     return out
 
   def _tokenize_batch(self, index, b):
@@ -426,7 +430,7 @@ class Loader:
     caption = tf.concat([captions, [""]], 0)[pick]  # no caption: empty text
     out = dict(video_id=ex[records.VIDEO_ID], caption=caption, jpegs=jpegs,
                frame_pos=frame_pos, ok=ok, sentinel=sentinel, key=keys[2],
-               has_text=tf.constant(True))
+               has_text=tf.constant(True), label=ex[records.LABEL_INDEX])
     if self.qa:
       # Aligned lists; a malformed record with more questions than answers keeps the prefix.
       num_qa = tf.minimum(tf.size(ex[records.QUESTIONS]), tf.size(ex[records.ANSWERS]))
@@ -477,7 +481,7 @@ class Loader:
     video = (video / 255.0 - tf.constant(CLIP_MEAN)) / tf.constant(CLIP_STD)
     video = tf.ensure_shape(video, [self.num_frames, size, size, 3])
     out = dict(video=video, video_id=x["video_id"], caption=x["caption"],
-               skipped=x["skipped"], sentinel=x["sentinel"])
+               skipped=x["skipped"], sentinel=x["sentinel"], label=x["label"])
     for k in ("probe", "answer", "questions", "answers"):
       if k in x:
         out[k] = x[k]
@@ -527,7 +531,9 @@ class Loader:
       tokens = {k: np.concatenate([v, np.repeat(fill[k], pad, axis=0)]) for k, v in
                 tokens.items()}
     self.step += 1
-    batch = dict(video=video, valid=valid, video_id=video_id, **tokens)
+    label = np.concatenate([b["label"].numpy(), np.full(pad, -1, np.int64)])
+    batch = dict(video=video, valid=valid, video_id=video_id,
+                 label=np.where(valid, label, -1).astype(np.int32), **tokens)
     if self.qa:
       answer = np.concatenate([b["answer"].numpy(), np.full(pad, b"", object)])
       idx = answers_lib.indices(answer, self.answer_index)
@@ -631,6 +637,7 @@ class TfdsLoader(Loader):
               else clip_id,
               records.NUM_FRAMES: tf.cast(tf.shape(frames)[0], tf.int64),
               records.CAPTIONS: tf.reshape(text, [1]), records.FRAMES: frames,
+              records.LABEL_INDEX: label,
               records.QUESTIONS: tf.zeros([0], tf.string),
               records.ANSWERS: tf.zeros([0], tf.string),
               records.CONTRAST: tf.zeros([0], tf.string)}

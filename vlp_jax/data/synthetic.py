@@ -134,23 +134,22 @@ _IMAGE_DOUBLE_TEMPLATES = (
     "a picture of {np1} next to {np2}",
 )
 CAPTIONS_PER_CLIP = 3
-# Where a still image's single shape is (thirds of the frame), appended to its captions: a
-# CLIP trained on the stills then encodes position, which is what tells "moving left" from
-# "moving right" once its frame features are ordered in time.
-_LOCATION_ROWS = ("top", None, "bottom")
+# Where a still image's single shape is (thirds of the frame), appended to its captions in
+# the words of the motions ("up on the left"): a CLIP trained on the stills then encodes
+# position, and its text tower gives "moving left" and "moving right" different features.
+# That is what a frozen CLIP needs for its frame features, ordered in time, to tell the
+# time-reversed motions apart (Prompt-CLIP's lab).
+_LOCATION_ROWS = ("up", None, "down")
 _LOCATION_COLUMNS = ("left", None, "right")
 
 
 def location_phrase(cx: float, cy: float, image_size: int) -> str:
-  """"in the top left corner", "at the top", "on the left", "in the centre", ... of a point
+  """"up on the left", "down in the middle", "on the right", "in the centre", ... of a point
   (pixels) by the thirds of an image_size frame."""
   col = _LOCATION_COLUMNS[min(int(3 * cx / image_size), 2)]
   row = _LOCATION_ROWS[min(int(3 * cy / image_size), 2)]
-  if row and col:
-    return f"in the {row} {col} corner"
-  if row:
-    return f"at the {row}"
-  return f"on the {col}" if col else "in the centre"
+  where = f"on the {col}" if col else ("in the middle" if row else "in the centre")
+  return f"{row} {where}" if row else where
 # Question templates; {verb} is a finite motion phrase. Each is asked only when its answer is
 # unambiguous for the clip (e.g. "the shape that moves left" with one leftward shape).
 # "what object ..." has a colour-shape answer ("red circle"): ~56 rare answers, so a small
@@ -189,7 +188,7 @@ def caption_words() -> list[str]:
       + list(ACTION_ANSWERS.values()) + list(COUNT_WORDS.values()) + list(SHAPES) + list(COLOURS)
       + [w for ws in SIZE_WORDS.values() for w in ws] + list(LABEL_TEXT.values())
       + [p for vs in MOTION_PHRASES.values() for group in vs for p in group] + ["a", "an"]
-      + ["in the top left corner at the bottom on the centre"])
+      + ["up down on the left right in middle centre"])
   for ch in "{}:,?":
     text = text.replace(ch, f" {ch} ")
   words = [w for w in text.split() if w not in "{}" and w.isalpha() or w in (":", ",")]

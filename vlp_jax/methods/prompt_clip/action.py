@@ -73,6 +73,9 @@ PROTOCOLS = ("closed", "fewshot", "openset")
 # The parts of CLIP the task runs: the text tower, its projection (and `logit_scale`, which the
 # module declares in `setup`); the image tower ran once, in launch.extract_features.
 TEXT_PARAMS = ("text_model", "text_projection", "logit_scale")
+# Training from frames (no feature cache) also runs the frozen image tower in the step.
+VISION_PARAMS = ("vision_model", "visual_projection")
+FRAME_KEYS = ("video", "label", "valid")
 INIT_CLIP_HELP = ("set --config.init.clip=hf:DIR (a CLIPModel directory, e.g. one written by "
                   "launch.export from configs/clip_pretrain.py)")
 
@@ -148,20 +151,28 @@ class PromptClipActionTask(task_lib.Task):
   """
 
   pretrained_keys = ("clip",)  # accepted, and loaded as the frozen CLIP (`load_frozen`)
+  trains_from_frames = True  # without data.features: frames through the frozen image tower
 
   def __init__(self, config, text):
     super().__init__(config, text)
     self.clip_dir = clip_dir(config)
-    if not config.data.get("features", ""):
+    # No cache: frames from the records through the frozen image tower, in the step.
+    self.from_frames = not config.data.get("features", "")
+    if self.from_frames and not self.trains_from_frames:
       raise ValueError(
-          "data.features is empty: prompt_clip_action trains on cached CLIP frame features "
-          "(training from frames is not supported). Extract them first with the same CLIP: "
-          "python -m launch.extract_features --clip=hf:DIR --data_dir=DATA_DIR "
-          "--split=train,test --out=FEATURES, then set --config.data.features=FEATURES")
+          f"data.features is empty: {config.task} reads cached CLIP frame features. Extract "
+          "them first with the same CLIP: python -m launch.extract_features --clip=hf:DIR "
+          "--data_dir=DATA_DIR --split=train,test --out=FEATURES, then set "
+          "--config.data.features=FEATURES")
     p = config.protocol
     self.protocol = str(p.name)
     if self.protocol not in PROTOCOLS:
       raise ValueError(f"protocol.name must be one of {PROTOCOLS}, got {self.protocol!r}")
+    if self.from_frames and (self.protocol != "closed" or int(p.k_shot) > 0):
+      raise ValueError(f"protocol.name={self.protocol!r} (k_shot={int(p.k_shot)}) selects "
+                       "clips from a feature cache: extract one (python -m "
+                       "launch.extract_features) and set --config.data.features; training "
+                       "from frames is closed-set on every clip")
     if self.protocol == "fewshot" and int(p.k_shot) < 1:
       raise ValueError("protocol.name='fewshot' trains on a K-shot subset: set "
                        "protocol.k_shot >= 1")
@@ -183,7 +194,31 @@ class PromptClipActionTask(task_lib.Task):
     if self.num_frames > int(t.max_frames):
       raise ValueError(f"model.num_frames ({self.num_frames}) exceeds "
                        f"model.temporal.max_frames ({t.max_frames})")
+    if self.from_frames:
+      self._check_frames_config(config, cfg.vision.image_size)
     self._placed: dict[Any, task_lib.Frozen] = {}
+
+  def _check_frames_config(self, config, image_size: int) -> None:
+    """Training from frames reads `model.num_frames` frames per clip at the CLIP's input size,
+    unflipped (a mirror swaps left and right); anything else is an error naming the fix."""
+    d = config.data
+    fix = []
+    if int(d.num_frames) != self.num_frames:
+      fix.append(f"--config.data.num_frames={self.num_frames}")
+    if int(d.image_size) != int(image_size):
+      fix.append(f"--config.data.image_size={image_size}")
+    if bool(d.get("flip", False)):
+      fix.append("--config.data.flip=False")
+    if fix:
+      raise ValueError("data.features is empty, so prompt_clip_action trains from the frames "
+                       "of data.dir through the frozen CLIP image tower; that needs "
+                       f"{' '.join(fix)} (or a feature cache: python -m "
+                       "launch.extract_features, then --config.data.features)")
+
+  @property
+  def frozen_keys(self) -> tuple[str, ...]:
+    """The CLIP params the task runs: the text tower, and the image tower from frames."""
+    return TEXT_PARAMS + (VISION_PARAMS if self.from_frames else ())
 
   # ---- classes and prompt tokens -----------------------------------------------------------
 
@@ -297,7 +332,7 @@ class PromptClipActionTask(task_lib.Task):
   def _clip_host(self) -> dict[str, Any]:
     """The frozen text tower's float32 numpy params (read once; training and evaluation)."""
     _, params = convert_clip.import_clip(self.clip_dir)
-    return {k: params[k] for k in TEXT_PARAMS}
+    return {k: params[k] for k in self.frozen_keys}
 
   def frozen_on(self, mesh, rules) -> task_lib.Frozen:
     """The frozen CLIP text tower placed on `mesh` by its logical axes (cached per mesh)."""
@@ -310,8 +345,8 @@ class PromptClipActionTask(task_lib.Task):
         boxed = jax.eval_shape(lambda r: self.clip.init(r, pixels, ids)["params"],
                                jax.random.PRNGKey(0))
         shardings = shd.logical_to_sharding(boxed, mesh, rules)
-      shardings = {k: shardings[k] for k in TEXT_PARAMS}
-      abstract = {k: nn.unbox(boxed[k]) for k in TEXT_PARAMS}
+      shardings = {k: shardings[k] for k in self.frozen_keys}
+      abstract = {k: nn.unbox(boxed[k]) for k in self.frozen_keys}
       params = init_lib.place_host_leaves(self._clip_host, abstract, shardings)
       self._placed[key] = task_lib.Frozen(params=params, shardings=shardings)
     return self._placed[key]
@@ -347,7 +382,10 @@ class PromptClipActionTask(task_lib.Task):
         allow_missing=bool(d.get("features_allow_missing", False)))
 
   def streams(self) -> dict[str, task_lib.Stream]:
-    """`train`: windows of the training split's cached features (`protocol` selection)."""
+    """`train`: windows of the training split's cached features (`protocol` selection), or,
+    from frames, the records' clips (`data.num_frames` frames each, with their labels)."""
+    if self.from_frames:
+      return {"train": task_lib.Stream(keys=FRAME_KEYS)}
     return {"train": task_lib.Stream(keys=KEYS, features=self.feature_source(train=True))}
 
   # ---- the model --------------------------------------------------------------------------
@@ -361,6 +399,12 @@ class PromptClipActionTask(task_lib.Task):
                                        jnp.asarray(tokens.slot))
     feats = app(embeds, jnp.asarray(tokens.eot_index), method=clip_lib.CLIP.encode_text_embeds)
     return layers.l2_normalize(feats)
+
+  def frame_features(self, clip_params, video: jax.Array) -> jax.Array:
+    """float32 [B, T, D] projected image embeddings of CLIP-normalised frames float
+    [B, T, S, S, 3] (S = the CLIP's image size): what `launch.extract_features` caches."""
+    out = self.clip.apply({"params": clip_params}, video, method=clip_lib.CLIP.encode_frames)
+    return jax.lax.stop_gradient(out)
 
   def video_features(self, params, frames: jax.Array) -> jax.Array:
     """L2-normalised float32 [B, D] clip features of frame features float [B, T, D]."""
@@ -387,9 +431,12 @@ class PromptClipActionTask(task_lib.Task):
     if frozen is None:
       raise ValueError("prompt_clip_action: the loss needs the frozen CLIP (load_frozen)")
     batch = batches["train"]
-    logits = self.logits(params, frozen, batch["features"])
+    frames = (batch["features"] if "features" in batch
+              else self.frame_features(frozen, batch["video"]))
+    logits = self.logits(params, frozen, frames)
     labels = batch["label"].astype(jnp.int32)
-    valid = batch["valid"].astype(jnp.float32)
+    # A record without a class (-1, from frames) does not count.
+    valid = (batch["valid"] & (labels >= 0)).astype(jnp.float32)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(labels, 0))
     count = jnp.maximum(jnp.sum(valid), 1.0)
     loss = jnp.sum(ce * valid) / count
@@ -457,6 +504,8 @@ class PromptClipActionTask(task_lib.Task):
        "text": float32 [C, D] normalised text features of all classes, "labels": int64 [N]
        the clips' labels, "lost": clips listed by the records but absent from the cache}.
     """
+    if self.from_frames:
+      return self._frame_eval_features(params, batches, mesh, rules, eval_cfg)
     source = self.feature_source(train=False)
     _, index = feature_loader.open_split(source, eval_cfg.split)
     positions, lost = self._covered(batches, index)
@@ -467,14 +516,45 @@ class PromptClipActionTask(task_lib.Task):
         num_windows=int(eval_cfg.get("windows", 5)), positions=positions,
         process_index=jax.process_index(), process_count=jax.process_count())
     out = jax.device_get(features.collect(self._embed_fn, params, loader, mesh, rules))
+    return {"video": np.asarray(out["video"], np.float32),
+            "clip": np.asarray(out["clip"], np.int64),
+            "text": self._all_text(params, mesh, rules), "labels": loader.labels, "lost": lost}
+
+  def _all_text(self, params, mesh, rules) -> np.ndarray:
+    """float32 [C, D] normalised prompted text features of all classes, on the host."""
     frozen = self.frozen_on(mesh, rules)
     with shd.activate(mesh, rules):
       text = jax.jit(self._all_text_fn, out_shardings=shd.replicated(mesh))(
           frozen.params, params["prompts"])
-    text = np.asarray(jax.device_get(text), np.float32)
+    return np.asarray(jax.device_get(text), np.float32)
+
+  @functools.cached_property
+  def _embed_frames_fn(self):
+    """((frozen CLIP, params), eval batch) -> {"video": [b, D] normalised, "label": [b]}."""
+    def embed(both, batch):
+      clip_params, params = both
+      frames = self.frame_features(clip_params, batch["video"])
+      return {"video": self.video_features(params, frames), "label": batch["label"]}
+    return embed
+
+  def _frame_eval_features(self, params, batches, mesh, rules, eval_cfg) -> dict[str, Any]:
+    """`eval_features` from frames: one window per clip, the `data.num_frames` frames the
+    records pass samples (`data.eval_sampling`), through the frozen image tower.
+
+    Raises:
+      ValueError: a clip of the split without a class label in [0, C).
+    """
+    frozen = self.frozen_on(mesh, rules)
+    out = jax.device_get(features.collect(self._embed_frames_fn, (frozen.params, params),
+                                          batches, mesh, rules))
+    labels = np.asarray(out["label"], np.int64)
+    bad = (labels < 0) | (labels >= len(self.class_names))
+    if bad.any():
+      raise ValueError(f"{int(bad.sum())} clip(s) of split {eval_cfg.split!r} have no class "
+                       f"label in [0, {len(self.class_names)}) (clip/label/index)")
     return {"video": np.asarray(out["video"], np.float32),
-            "clip": np.asarray(out["clip"], np.int64), "text": text,
-            "labels": loader.labels, "lost": lost}
+            "clip": np.arange(len(labels), dtype=np.int64),
+            "text": self._all_text(params, mesh, rules), "labels": labels, "lost": 0}
 
   def _action(self, params, batches, mesh, rules, eval_cfg) -> dict[str, float]:
     f = self.eval_features(params, batches, mesh, rules, eval_cfg)

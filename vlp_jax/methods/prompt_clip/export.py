@@ -32,6 +32,7 @@ from vlp_jax.convert import artifact_loader
 from vlp_jax.convert import clip as convert_clip
 from vlp_jax.convert import hf_io
 from vlp_jax.convert.export import flatten, unflatten
+from vlp_jax.methods.prompt_clip import action
 from vlp_jax.models import clip as clip_lib
 from vlp_jax.models import layers
 
@@ -120,7 +121,8 @@ def export_artifact(task, params: dict[str, Any], out_dir: str, platforms: Seque
   length, dim, frames = meta["context_length"], meta["dim"], meta["num_frames"]
   b, c = jax.export.symbolic_shape("b, c")
   flats = {
-      "encode_classes": flatten({**task._clip_host, "prompts": params["prompts"]}),
+      "encode_classes": flatten({**{k: task._clip_host[k] for k in action.TEXT_PARAMS},
+                                 "prompts": params["prompts"]}),
       "classify": flatten({k: params[k] for k in ("temporal",) if k in params}),
   }
   inputs = {

@@ -252,6 +252,8 @@ def _proposal_batches(index: feature_cache.SplitIndex, rows: Sequence[tuple[int,
 class PromptClipLocalizationTask(action.PromptClipActionTask):
   """`prompt_clip_action` plus the `localization` evaluator (module docstring)."""
 
+  trains_from_frames = False  # reads the feature cache only
+
   @functools.cached_property
   def _class_fns(self) -> dict[int, Any]:
     return {}

@@ -147,6 +147,8 @@ class PromptClipRetrievalTask(action.PromptClipActionTask):
   """Prompt vectors around captions and a temporal transformer on a frozen CLIP, trained with
   a symmetric InfoNCE for text-video retrieval (module docstring)."""
 
+  trains_from_frames = False  # reads the feature cache only
+
   def __init__(self, config, text):
     super().__init__(config, text)
     p = config.protocol
