@@ -257,6 +257,12 @@ def test_loader_batch_layout(corpus, tok):
     assert b[k].shape == (4, LEN) and b[k].dtype == np.int32, k
   assert b["valid"].dtype == bool and b["valid"].all()
   assert b["video_id"].shape == (4,) and all(v.startswith(b"shapes-train-") for v in b["video_id"])
+  # Each clip's class, as its record holds it.
+  stored = {r[records.VIDEO_ID][0]: r[records.LABEL_INDEX][0]
+            for f in records.split_files(corpus, "train") for r in map(
+                records.example_to_dict, records.read_records(f))}
+  assert b["label"].dtype == np.int32
+  assert b["label"].tolist() == [stored[v] for v in b["video_id"]]
   lo = (0 - np.array(pipeline.CLIP_MEAN)) / np.array(pipeline.CLIP_STD)
   hi = (1 - np.array(pipeline.CLIP_MEAN)) / np.array(pipeline.CLIP_STD)
   assert (b["video"] >= lo - 1e-3).all() and (b["video"] <= hi + 1e-3).all()

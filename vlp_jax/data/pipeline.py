@@ -29,7 +29,8 @@ from vlp_jax.data import records, text
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SAMPLING_MODES = ("rand", "headtail", "uniform")
-BATCH_KEYS = ("video", "text_ids", "text_mask", "mlm_ids", "mlm_labels", "valid", "video_id")
+BATCH_KEYS = ("video", "text_ids", "text_mask", "mlm_ids", "mlm_labels", "valid", "label",
+              "video_id")
 
 
 def frame_indices(n: tf.Tensor, num_frames: int, mode: str, u: tf.Tensor | None = None

@@ -22,7 +22,8 @@ class RandomLoader:
   video: float32 [b, T, H, W, 3] ~ N(0, 1) (a window of a fixed noise pool, so producing it
   costs a copy, not a random draw per pixel); text_ids: [CLS] random non-special tokens [SEP]
   then [PAD], random lengths; text_mask, mlm_ids, mlm_labels: int32 [b, L]; valid: all True;
-  video_id: object [b] of bytes. b = batch_size_global / process_count.
+  label: int32 [b] zeros (class 0); video_id: object [b] of bytes.
+  b = batch_size_global / process_count.
   """
 
   def __init__(self, *, batch_size_global: int, num_frames: int, image_size: int,
@@ -82,6 +83,7 @@ class RandomLoader:
         mlm_ids=np.stack([r[3][0] for r in rows]),
         mlm_labels=np.stack([r[3][1] for r in rows]),
         valid=np.ones(self.local_batch, bool),
+        label=np.zeros(self.local_batch, np.int32),
         video_id=np.array([f"random-{self.step}-{r}".encode() for r in ids], object))
     self.step += 1
     return batch
