@@ -60,7 +60,8 @@ def test_export_writes_clip_prompts_and_artifact(exported):
   with open(os.path.join(out, "prompt_clip.json")) as f:
     meta = json.load(f)
   assert meta["class_names"] == pca.NAMES
-  assert meta["prompts"] == {"prefix": 2, "suffix": 2, "layout": "shared", "table_rows": 4}
+  assert meta["prompts"] == {"prefix": 2, "suffix": 2, "layout": "shared", "table_rows": 4,
+                             "template": "{}"}
   assert meta["temporal"]["layers"] == 1 and meta["temperature"] == pytest.approx(0.07)
   from safetensors.numpy import load_file
   trained = load_file(os.path.join(out, "prompt_clip.safetensors"))
@@ -121,11 +122,12 @@ np.savez({str(tmp_path / "got.npz")!r}, probs=probs, ids=ids, slot=slot, eot=eot
 
 
 def test_official_layout_without_temporal_layers_in_process(world, tmp_path):
-  """The other prompt layout and mean pooling (no `temporal` collection), from init params
-  through `Task.export`; the loader imported in this process."""
+  """The other prompt layout, a template and mean pooling (no `temporal` collection), from init
+  params through `Task.export`; the loader imported in this process."""
   import importlib.util
 
-  c = pca._config(world, **{"model.prompts.layout": "official", "model.temporal.layers": 0})
+  c = pca._config(world, **{"model.prompts.layout": "official", "model.temporal.layers": 0,
+                            "model.prompts.template": "moving {}"})
   task = pca._task(c)
   params = pca._params(task)
   assert "temporal" not in params
@@ -136,6 +138,7 @@ def test_official_layout_without_temporal_layers_in_process(world, tmp_path):
   spec.loader.exec_module(loader)
   model = loader.load(written["artifact"])
   assert model.meta["prompts"]["layout"] == "official"
+  assert model.meta["prompts"]["template"] == "moving {}"  # the loader wraps names the same way
   features = np.random.default_rng(6).standard_normal((2, pca.LENGTH, pca.D)).astype(np.float32)
   names = ["moving right", "growing"]
   ids, slot, eot = model.tokenize(names)

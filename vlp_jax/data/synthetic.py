@@ -188,7 +188,7 @@ def caption_words() -> list[str]:
       + list(ACTION_ANSWERS.values()) + list(COUNT_WORDS.values()) + list(SHAPES) + list(COLOURS)
       + [w for ws in SIZE_WORDS.values() for w in ws] + list(LABEL_TEXT.values())
       + [p for vs in MOTION_PHRASES.values() for group in vs for p in group] + ["a", "an"]
-      + ["up down on the left right in middle centre"])
+      + ["an object up down on the left right in middle centre"])
   for ch in "{}:,?":
     text = text.replace(ch, f" {ch} ")
   words = [w for w in text.split() if w not in "{}" and w.isalpha() or w in (":", ",")]
@@ -444,8 +444,10 @@ def render_clip(seed: int, split: str, index: int, num_frames: int, image_size: 
     tracks = best[1]
   captions = _captions(rng, objects, image=split == IMAGE_SPLIT)
   if split == IMAGE_SPLIT and len(objects) == 1:
+    # The last caption names only the place: among a batch's stills, shape, colour and size
+    # almost always tell the captions apart, so without it position would go unlearned.
     where = location_phrase(tracks[0]["x0"], tracks[0]["y0"], image_size)
-    captions = [f"{c} {where}" for c in captions]
+    captions = [f"{c} {where}" for c in captions[:-1]] + [f"an object {where}"]
   bg = _background(rng, image_size)
   frames = []
   for f in range(num_frames):
