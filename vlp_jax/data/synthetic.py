@@ -134,22 +134,24 @@ _IMAGE_DOUBLE_TEMPLATES = (
     "a picture of {np1} next to {np2}",
 )
 CAPTIONS_PER_CLIP = 3
-# Where a still image's single shape is (thirds of the frame), appended to its captions in
-# the words of the motions ("up on the left"): a CLIP trained on the stills then encodes
-# position, and its text tower gives "moving left" and "moving right" different features.
-# That is what a frozen CLIP needs for its frame features, ordered in time, to tell the
-# time-reversed motions apart (Prompt-CLIP's lab).
-_LOCATION_ROWS = ("up", None, "down")
+# Where a still image's single shape is (thirds of the frame), appended to its captions: a
+# CLIP trained on the stills then learns position (slowly: after ~1,500 of the demo's steps),
+# which is what tells "moving left" from "moving right" once its frame features are ordered in
+# time (Prompt-CLIP's lab).
+_LOCATION_ROWS = ("top", None, "bottom")
 _LOCATION_COLUMNS = ("left", None, "right")
 
 
 def location_phrase(cx: float, cy: float, image_size: int) -> str:
-  """"up on the left", "down in the middle", "on the right", "in the centre", ... of a point
+  """"in the top left corner", "at the top", "on the left", "in the centre", ... of a point
   (pixels) by the thirds of an image_size frame."""
   col = _LOCATION_COLUMNS[min(int(3 * cx / image_size), 2)]
   row = _LOCATION_ROWS[min(int(3 * cy / image_size), 2)]
-  where = f"on the {col}" if col else ("in the middle" if row else "in the centre")
-  return f"{row} {where}" if row else where
+  if row and col:
+    return f"in the {row} {col} corner"
+  if row:
+    return f"at the {row}"
+  return f"on the {col}" if col else "in the centre"
 # Question templates; {verb} is a finite motion phrase. Each is asked only when its answer is
 # unambiguous for the clip (e.g. "the shape that moves left" with one leftward shape).
 # "what object ..." has a colour-shape answer ("red circle"): ~56 rare answers, so a small
@@ -188,7 +190,7 @@ def caption_words() -> list[str]:
       + list(ACTION_ANSWERS.values()) + list(COUNT_WORDS.values()) + list(SHAPES) + list(COLOURS)
       + [w for ws in SIZE_WORDS.values() for w in ws] + list(LABEL_TEXT.values())
       + [p for vs in MOTION_PHRASES.values() for group in vs for p in group] + ["a", "an"]
-      + ["an object up down on the left right in middle centre"])
+      + ["in the top left corner at the bottom on the centre"])
   for ch in "{}:,?":
     text = text.replace(ch, f" {ch} ")
   words = [w for w in text.split() if w not in "{}" and w.isalpha() or w in (":", ",")]
@@ -444,10 +446,8 @@ def render_clip(seed: int, split: str, index: int, num_frames: int, image_size: 
     tracks = best[1]
   captions = _captions(rng, objects, image=split == IMAGE_SPLIT)
   if split == IMAGE_SPLIT and len(objects) == 1:
-    # The last caption names only the place: among a batch's stills, shape, colour and size
-    # almost always tell the captions apart, so without it position would go unlearned.
     where = location_phrase(tracks[0]["x0"], tracks[0]["y0"], image_size)
-    captions = [f"{c} {where}" for c in captions[:-1]] + [f"an object {where}"]
+    captions = [f"{c} {where}" for c in captions]
   bg = _background(rng, image_size)
   frames = []
   for f in range(num_frames):
@@ -499,7 +499,8 @@ def clip_record(clip: dict, num_frames: int):
 
 def _params(seed, counts, num_frames, image_size, num_shards, topic_zipf=0.0,
             caption_noise=0.0) -> dict:
-  out = dict(version=3, seed=int(seed), counts={k: int(v) for k, v in counts.items()},
+  # version 4: still images' captions say where the shape is (location_phrase).
+  out = dict(version=4, seed=int(seed), counts={k: int(v) for k, v in counts.items()},
              num_frames=int(num_frames), image_size=int(image_size), num_shards=int(num_shards))
   if topic_zipf or caption_noise:  # absent when off: corpora written before keep their marker
     out.update(topic_zipf=float(topic_zipf), caption_noise=float(caption_noise))
