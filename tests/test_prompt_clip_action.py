@@ -12,10 +12,11 @@ import jax
 import numpy as np
 import pytest
 
+import helpers
 from configs import prompt_clip_action
 from vlp_jax.core import task as task_lib
 from vlp_jax.core.trainer import Trainer
-from vlp_jax.data import clip_tokenizer, feature_cache, feature_loader, protocols
+from vlp_jax.data import feature_cache, feature_loader, protocols
 from vlp_jax.eval import classification
 from vlp_jax.methods.prompt_clip import action  # noqa: F401  (registers the task)
 from vlp_jax.parallel import mesh as mesh_lib
@@ -58,25 +59,9 @@ def write_cache(out: str, clip_dir: str, splits: dict, shards: int = 2) -> None:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> World:
-  from vlp_jax.convert import clip as convert_clip
-  from vlp_jax.models import clip
   root = str(tmp_path_factory.mktemp("prompt_clip"))
   clip_dir = os.path.join(root, "clip")
-  tok = clip_tokenizer.build_clip_tokenizer(NAMES * 4, clip_dir, vocab_size=600)
-  n = len(tok)
-  cfg = clip.ClipConfig(
-      text=clip.ClipTextConfig(vocab_size=n, hidden=32, layers=1, heads=2, mlp_dim=64,
-                               max_position=16, eos_token_id=n - 1, bos_token_id=n - 2,
-                               pad_token_id=n - 1),
-      vision=clip.ClipVisionConfig(image_size=32, patch_size=16, hidden=32, layers=1, heads=2,
-                                   mlp_dim=64),
-      projection_dim=D)
-  params = nn.unbox(clip.CLIP(cfg).init(jax.random.PRNGKey(0), np.zeros((1, 32, 32, 3)),
-                                        np.zeros((1, 16), np.int32))["params"])
-  rng = np.random.default_rng(0)
-  # Larger weights than the init's: the class names' text features then differ clearly.
-  params = jax.tree.map(lambda x: np.asarray(x) + 0.2 * rng.standard_normal(x.shape), params)
-  convert_clip.export_clip(cfg, params, clip_dir)
+  _, rng = helpers.save_tiny_clip(clip_dir, NAMES * 4, D, vocab_size=600)
   data = os.path.join(root, "data")
   os.makedirs(data)
   with open(os.path.join(data, "classes.txt"), "w") as f:
@@ -101,13 +86,7 @@ def _config(world: World, preset: str = "tiny", **overrides):
   c.init.clip = "hf:" + world.clip
   c.data.vocab = world.clip  # the run's tokenizer (its evaluation pass tokenises captions)
   c.data.features = world.features
-  for k, v in overrides.items():
-    node = c
-    *parents, leaf = k.split(".")
-    for name in parents:
-      node = node[name]
-    node[leaf] = v
-  return c
+  return helpers.override(c, **overrides)
 
 
 def _task(config):

@@ -12,14 +12,13 @@ import jax
 import numpy as np
 import pytest
 
+import helpers
 from configs import prompt_clip_action
 from launch import extract_features
-from vlp_jax.convert import clip as convert_clip
 from vlp_jax.core import task as task_lib
 from vlp_jax.core.trainer import Trainer
-from vlp_jax.data import clip_tokenizer, feature_cache, pipeline, synthetic
+from vlp_jax.data import feature_cache, pipeline, synthetic
 from vlp_jax.methods.prompt_clip import action  # noqa: F401  (registers the task)
-from vlp_jax.models import clip
 from vlp_jax.parallel import mesh as mesh_lib
 from vlp_jax.parallel import sharding as shd
 
@@ -34,20 +33,7 @@ def world(tmp_path_factory):
                      num_frames=FRAMES, image_size=40, num_shards=2)
   clip_dir = os.path.join(root, "clip")
   words = " ".join(synthetic.caption_words())
-  tok = clip_tokenizer.build_clip_tokenizer([words] * 4, clip_dir, vocab_size=700)
-  n = len(tok)
-  cfg = clip.ClipConfig(
-      text=clip.ClipTextConfig(vocab_size=n, hidden=32, layers=1, heads=2, mlp_dim=64,
-                               max_position=16, eos_token_id=n - 1, bos_token_id=n - 2,
-                               pad_token_id=n - 1),
-      vision=clip.ClipVisionConfig(image_size=IMAGE, patch_size=16, hidden=32, layers=1,
-                                   heads=2, mlp_dim=64),
-      projection_dim=D)
-  params = nn.unbox(clip.CLIP(cfg).init(jax.random.PRNGKey(0), np.zeros((1, IMAGE, IMAGE, 3)),
-                                        np.zeros((1, 16), np.int32))["params"])
-  rng = np.random.default_rng(0)
-  params = jax.tree.map(lambda x: np.asarray(x) + 0.2 * rng.standard_normal(x.shape), params)
-  convert_clip.export_clip(cfg, params, clip_dir)
+  _, rng = helpers.save_tiny_clip(clip_dir, [words] * 4, D, vocab_size=700, image_size=IMAGE)
   features = os.path.join(root, "features")
   extract_features.extract(f"hf:{clip_dir}", data, ("train", "test"), features, batch_size=8,
                            workers=1, chunk_frames=4, devices=jax.devices()[:1])
@@ -64,13 +50,7 @@ def _config(world, *, frames: bool, **overrides):
   else:
     c.data.features = world["features"]
   c.model.temporal.layers = 0  # mean pooling: a cached clip of 4 frames is exactly 1 window
-  for k, v in overrides.items():
-    node = c
-    *parents, leaf = k.split(".")
-    for name in parents:
-      node = node[name]
-    node[leaf] = v
-  return c
+  return helpers.override(c, **overrides)
 
 
 def _eval_batches(world, split="test"):
