@@ -50,6 +50,19 @@ def test_vtc_value_and_metrics():
                              np.mean(ref_logits.argmax(0) == target), atol=1e-7)
 
 
+def test_vtc_valid_mask_equals_the_valid_sub_batch():
+  rng = np.random.default_rng(3)
+  v, t = _unit_rows(rng, 6, 4), _unit_rows(rng, 6, 4)
+  valid = np.array([True, True, False, True, True, False])
+  per, metrics, _ = vtc_loss(v, t, jnp.float32(0.1), valid)
+  ref, ref_logits = _np_vtc(v[valid], t[valid], 0.1)
+  np.testing.assert_allclose(per[valid], ref, rtol=1e-5, atol=1e-5)
+  assert (np.asarray(per)[~valid] == 0).all()
+  target = np.arange(4)
+  assert float(metrics["vtc/t2v_acc"]) == pytest.approx(np.mean(ref_logits.argmax(1) == target))
+  assert float(metrics["vtc/v2t_acc"]) == pytest.approx(np.mean(ref_logits.argmax(0) == target))
+
+
 def test_vtc_accuracy_on_known_batch():
   # Text 0 and 1 both point at video 0; text 2 at video 2: t2v 2/3 correct. Column 1's
   # best text is text 0 or 1 (tie broken to 0), so v2t is also checked against argmax.

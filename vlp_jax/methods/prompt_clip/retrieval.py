@@ -18,7 +18,8 @@ B rows' token ids, prompt slots and EOT positions from the caption table (held w
 CLIP, replicated: not a constant of the compiled step) and encodes only those B captions. Loss:
 the symmetric InfoNCE over the batch, logits = cos(video, text) / `model.temperature` (0.07,
 fixed), the mean of the video->text and text->video cross-entropies of the valid rows
-(`loss/nce`, `loss/v2t`, `loss/t2v`, `train/v2t_top1`, `train/t2v_top1`, `params/trainable`).
+(`losses.vtc_loss` with the padding rows masked; `loss/nce`, `vtc/t2v_acc`, `vtc/v2t_acc`,
+`params/trainable`).
 Only `prompts` and `temporal` train; the CLIP text tower is a `Frozen` pytree.
 
 Evaluator `retrieval` (`config.evals.<name>.type`): the core's pass over the split's records
@@ -40,9 +41,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import logging
 
+from vlp_jax import losses
 from vlp_jax.core import task as task_lib
 from vlp_jax.data import feature_loader
 from vlp_jax.eval import features
@@ -113,33 +114,6 @@ def _text_batches(tokens: prompts.PromptTokens, rows: np.ndarray, batch_size: in
     r = np.where(valid, rows[np.minimum(take, len(rows) - 1)], rows[0])
     yield {"ids": tokens.ids[r], "slot": tokens.slot[r], "eot_index": tokens.eot_index[r],
            "valid": valid}
-
-
-def info_nce(logits: jax.Array, valid: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Symmetric InfoNCE of a batch whose row i's positive is column i.
-
-  Args:
-    logits: float32 [B, B] video (rows) x text (columns) logits.
-    valid: bool [B]; invalid rows are neither queries nor candidates.
-  Returns:
-    (float32 scalar (v2t + t2v) / 2 over the valid rows, {"loss/v2t", "loss/t2v",
-    "train/v2t_top1", "train/t2v_top1" (percent)}).
-  """
-  b = logits.shape[0]
-  v = valid.astype(jnp.float32)
-  # An invalid column can never be chosen (a large negative, not -inf: no inf - inf NaN).
-  masked = jnp.where(valid[None, :] & valid[:, None], logits, -1e9)
-  target = jnp.arange(b)
-  v2t = optax.softmax_cross_entropy_with_integer_labels(masked, target)
-  t2v = optax.softmax_cross_entropy_with_integer_labels(masked.T, target)
-  count = jnp.maximum(jnp.sum(v), 1.0)
-  loss_v2t, loss_t2v = jnp.sum(v2t * v) / count, jnp.sum(t2v * v) / count
-  hit_v2t = (jnp.argmax(masked, axis=1) == target).astype(jnp.float32)
-  hit_t2v = (jnp.argmax(masked, axis=0) == target).astype(jnp.float32)
-  return 0.5 * (loss_v2t + loss_t2v), {
-      "loss/v2t": loss_v2t, "loss/t2v": loss_t2v,
-      "train/v2t_top1": 100.0 * jnp.sum(hit_v2t * v) / count,
-      "train/t2v_top1": 100.0 * jnp.sum(hit_t2v * v) / count}
 
 
 @task_lib.register("prompt_clip_retrieval")
@@ -280,8 +254,8 @@ class PromptClipRetrievalTask(action.PromptClipActionTask):
     """Symmetric InfoNCE over batch `train` (module docstring).
 
     Returns:
-      (float32 scalar, metrics: `loss/nce`, `loss/v2t`, `loss/t2v`, `train/v2t_top1`,
-      `train/t2v_top1`, `params/trainable`).
+      (float32 scalar, metrics: `loss/nce`, the in-batch accuracies `vtc/t2v_acc`,
+      `vtc/v2t_acc` (0-1), `params/trainable`).
     """
     del rng, train, step  # no dropout, nothing scheduled
     if frozen is None:
@@ -292,7 +266,9 @@ class PromptClipRetrievalTask(action.PromptClipActionTask):
     text = self.caption_features(frozen["clip"], params["prompts"], frozen["captions"],
                                  jnp.maximum(batch["choice"], 0).astype(jnp.int32))
     video = self.video_features(params, batch["features"])
-    loss, metrics = info_nce(video @ text.T / self.temperature, valid)
+    per_sample, metrics, _ = losses.vtc_loss(video, text, jnp.float32(self.temperature),
+                                             valid)
+    loss = jnp.sum(per_sample) / jnp.maximum(jnp.sum(valid.astype(jnp.float32)), 1.0)
     return loss, {"loss/nce": loss, **metrics,
                   "params/trainable": jnp.float32(self.num_trainable)}
 
