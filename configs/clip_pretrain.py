@@ -15,7 +15,7 @@ is learned from the captions of `data.clip_tokenizer.splits` when the directory 
 The text tower's vocabulary is the tokenizer's; `model.text.max_position` must be at least
 `data.max_text_len`.
 
-Presets: `tiny` (unit tests, seconds), `demo` (a few minutes on 2 CPU cores; the synthetic
+Presets: `tiny` (unit tests, seconds), `demo` (about 8 minutes on 2 CPU cores; the synthetic
 "moving shapes" corpus generated into WORKDIR/data, 40 px), `base` (CLIP ViT-B/16 sizes, 224 px,
 context 77; set `data.dir` to image-text records with an `images` split, e.g.
 `python -m launch.ingest --split=images`).
@@ -100,7 +100,7 @@ def _tiny(c):
 
 
 def _demo(c):
-  # Sized for 2 CPU cores (a few minutes): 40 px stills, two 4-layer towers of width 128.
+  # Sized for 2 CPU cores (about 8 minutes): 40 px stills, two 4-layer towers of width 128.
   c.data.synthetic.generate = True
   c.data.synthetic.update(image_size=40, num_images=8192, num_train=1024)
   c.data.update(image_size=40, max_text_len=32)
