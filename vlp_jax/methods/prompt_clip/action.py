@@ -13,12 +13,15 @@ Each step encodes all C training class names with their prompts through the froz
 (C is a few hundred at most; sampling a subset of the classes per step is not implemented),
 pools the clip features of the batch with the temporal model, and minimises the cross-entropy
 of logits = cos(clip, class) / `model.temperature` (0.07, fixed). The frozen CLIP is a
-`Frozen` pytree (its text tower only: the image tower ran once, in launch.extract_features),
-never in the optimizer state. `params/trainable` (logged at start and in every train row)
+`Frozen` pytree (its text tower only when the image tower ran once, in
+launch.extract_features; both towers when training from frames), never in the optimizer
+state. `params/trainable` (logged at start and in every train row)
 counts the trained parameters.
 
 Data: windows of `model.num_frames` cached frame features of `data.features` (a cache of
-`python -m launch.extract_features` made with the same CLIP), class names from `data.classes`
+`python -m launch.extract_features` made with the same CLIP), or, with `data.features` empty,
+`data.num_frames` frames of each clip of `data.dir` through the frozen image tower in the
+step (closed-set; evaluation: one window per clip), class names from `data.classes`
 (one per line, line i = label i; "" = DATA_DIR/classes.txt). The protocol (`protocol.name`)
 picks the training clips: `closed` all classes, `fewshot` a K-shot all-way subset
 (`protocol.k_shot` clips per class), `openset` the seen classes of
@@ -330,12 +333,13 @@ class PromptClipActionTask(task_lib.Task):
 
   @functools.cached_property
   def _clip_host(self) -> dict[str, Any]:
-    """The frozen text tower's float32 numpy params (read once; training and evaluation)."""
+    """The frozen CLIP's float32 numpy params the task runs (`frozen_keys`; read once)."""
     _, params = convert_clip.import_clip(self.clip_dir)
     return {k: params[k] for k in self.frozen_keys}
 
   def frozen_on(self, mesh, rules) -> task_lib.Frozen:
-    """The frozen CLIP text tower placed on `mesh` by its logical axes (cached per mesh)."""
+    """The frozen CLIP (`frozen_keys`) placed on `mesh` by its logical axes (cached per
+    mesh)."""
     key = (mesh, rules)
     if key not in self._placed:
       v = self.clip.config.vision
@@ -352,7 +356,8 @@ class PromptClipActionTask(task_lib.Task):
     return self._placed[key]
 
   def load_frozen(self, mesh, rules, workdir: str) -> task_lib.Frozen:
-    """The frozen CLIP text tower (from `init.clip`), placed on the mesh."""
+    """The frozen CLIP (from `init.clip`; the text tower, and the image tower from frames),
+    placed on the mesh."""
     del workdir
     counts = {k: temporal.count_params(v) for k, v in
               jax.eval_shape(self.init_collections, jax.random.PRNGKey(0)).items()}
