@@ -512,3 +512,11 @@ def test_fit_evaluates_through_the_records_pass_and_resumes_exactly(world, tmp_p
   assert sorted(resumed) == [1, 2, 3, 4]
   for step in range(1, 5):
     assert resumed[step] == pytest.approx(straight[step], rel=1e-6), step
+
+
+def test_demo_opposites_are_the_synthetic_corpus_time_reversed_classes():
+  from vlp_jax.data import synthetic
+  want = {frozenset((synthetic.LABEL_TEXT[a], synthetic.LABEL_TEXT[b]))
+          for a, b in synthetic.OPPOSITE.items()}
+  got = {frozenset(p.split("|")) for p in prompt_clip_action.SYNTHETIC_OPPOSITES}
+  assert got == want
