@@ -90,9 +90,12 @@ def test_two_processes_match_one(tmp_path, mode):
     assert "init.text: imported" in ref.stderr and "init.text: imported" in outs[1][1]
   one, two = _losses(ref_dir), _losses(mh_dir)
   assert sorted(one) == sorted(two) == list(range(1, STEPS + 1))
+  # Float32 reduction order differs between 2 x 2 and 1 x 4 devices; after an update (MAMA's
+  # meta step differentiates through one) that is up to ~1e-5 relative, while a wrong
+  # collective or shard mapping moves the loss by 1e-3 or more.
   for s in one:
     for k in keys:
-      assert two[s][k] == pytest.approx(one[s][k], rel=1e-5, abs=1e-6), (s, k)
+      assert two[s][k] == pytest.approx(one[s][k], rel=5e-5, abs=1e-6), (s, k)
 
 
 def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resumes(tmp_path):
