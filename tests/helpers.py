@@ -71,3 +71,22 @@ def perturb(model):
     for p in model.parameters():
       p.add_(0.05 * torch.randn(p.shape, generator=gen))
   return model.eval()
+
+
+def records_pass(ids, batch=4):
+  """What the core's eval loader yields for a task's evaluators when only the clip list
+  matters: `video_id` (bytes) and `valid`, the last batch padded."""
+  import numpy as np
+  ids = [v.encode() for v in ids]
+  ids += [b""] * (-len(ids) % batch)
+  return [{"video_id": np.asarray(ids[i:i + batch], object),
+           "valid": np.asarray([bool(v) for v in ids[i:i + batch]])}
+          for i in range(0, len(ids), batch)]
+
+
+def init_params(task, seed: int = 1):
+  """A task's freshly initialised trainable collections as unboxed numpy arrays."""
+  import flax.linen as nn
+  import jax
+  import numpy as np
+  return jax.tree.map(np.asarray, nn.unbox(task.init_collections(jax.random.PRNGKey(seed))))

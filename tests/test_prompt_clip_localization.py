@@ -78,13 +78,7 @@ def _text(task, params) -> np.ndarray:
   return np.asarray(task.text_features(task._clip_host, params["prompts"], task.all_tokens))
 
 
-def _records_pass(ids, batch=4):
-  """What the core's eval loader yields for the evaluators: clip ids (bytes), padded."""
-  ids = [v.encode() for v in ids]
-  ids += [b""] * (-len(ids) % batch)
-  return [{"video_id": np.asarray(ids[i:i + batch], object),
-           "valid": np.asarray([bool(v) for v in ids[i:i + batch]])}
-          for i in range(0, len(ids), batch)]
+_records_pass = helpers.records_pass
 
 
 def _write_records(data_dir: str, split: str, videos) -> None:

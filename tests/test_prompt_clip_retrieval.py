@@ -10,7 +10,6 @@ feature caches written directly (no extraction)."""
 import dataclasses
 import os
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -101,8 +100,7 @@ def _task(config):
   return task_lib.build(config, None)
 
 
-def _params(task):
-  return jax.tree.map(np.asarray, nn.unbox(task.init_collections(jax.random.PRNGKey(1))))
+_params = helpers.init_params
 
 
 def _norm(x):
@@ -259,13 +257,7 @@ def test_two_steps_train_only_prompts_and_temporal(world, tmp_path):
 
 # ----------------------------------------------------------------------------- evaluation
 
-def _records_pass(ids, batch=4):
-  """What the core's eval loader yields for the evaluators: clip ids (bytes), padded."""
-  ids = [v.encode() for v in ids]
-  ids += [b""] * (-len(ids) % batch)
-  return [{"video_id": np.asarray(ids[i:i + batch], object),
-           "valid": np.asarray([bool(v) for v in ids[i:i + batch]])}
-          for i in range(0, len(ids), batch)]
+_records_pass = helpers.records_pass
 
 
 def _eval_world(world, tmp_path, test_features):
