@@ -299,10 +299,15 @@ class PromptClipActionTask(task_lib.Task):
       return self.all_tokens
     return self._tokens([self.class_names[i] for i in self.train_classes])
 
+  @property
+  def init_tokens(self) -> prompts.PromptTokens:
+    """Prompt tokens that size the learned table and its init (all class names)."""
+    return self.all_tokens
+
   @functools.cached_property
   def prompt_learner(self) -> prompts.PromptLearner:
     p = self.config.model.prompts
-    return prompts.PromptLearner(self.all_tokens.table_rows, self.clip.config.text.hidden,
+    return prompts.PromptLearner(self.init_tokens.table_rows, self.clip.config.text.hidden,
                                  init_std=float(p.init_std))
 
   # ---- parameters ---------------------------------------------------------------------------
@@ -311,7 +316,7 @@ class PromptClipActionTask(task_lib.Task):
     """{"prompts": the prompt table, "temporal": the temporal transformer (absent when
     model.temporal.layers = 0)}, logically boxed float32."""
     p_rng, t_rng = jax.random.split(rng)
-    tokens = self.all_tokens
+    tokens = self.init_tokens
     width = self.clip.config.text.hidden
     out = {"prompts": self.prompt_learner.init(
         p_rng, jnp.zeros(tokens.ids.shape[:1] + (tokens.ids.shape[1], width), jnp.float32),

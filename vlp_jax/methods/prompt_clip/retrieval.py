@@ -166,7 +166,7 @@ class PromptClipRetrievalTask(action.PromptClipActionTask):
     return self._tables[split]
 
   @functools.cached_property
-  def _probe_tokens(self) -> prompts.PromptTokens:
+  def init_tokens(self) -> prompts.PromptTokens:
     """The prompt tokens of one empty text: the learned table's size and the init's shapes,
     without reading any caption (and checking the layout)."""
     p = self.config.model.prompts
@@ -174,27 +174,6 @@ class PromptClipRetrievalTask(action.PromptClipActionTask):
         self.tokenizer, [""], int(p.prefix), int(p.suffix),
         context_length=self.clip.config.text.max_position, layout=str(p.layout),
         kind="caption")
-
-  @functools.cached_property
-  def prompt_learner(self) -> prompts.PromptLearner:
-    p = self.config.model.prompts
-    return prompts.PromptLearner(self._probe_tokens.table_rows, self.clip.config.text.hidden,
-                                 init_std=float(p.init_std))
-
-  # ---- parameters ---------------------------------------------------------------------------
-
-  def init_collections(self, rng: jax.Array) -> dict[str, Any]:
-    """As the action task's (`prompts`, `temporal`), sized without the class names."""
-    p_rng, t_rng = jax.random.split(rng)
-    tokens = self._probe_tokens
-    width = self.clip.config.text.hidden
-    out = {"prompts": self.prompt_learner.init(
-        p_rng, jnp.zeros(tokens.ids.shape + (width,), jnp.float32),
-        jnp.asarray(tokens.slot))["params"]}
-    if self.temporal.layers:
-      frames = jnp.zeros((1, self.num_frames, self.clip.config.projection_dim), jnp.float32)
-      out["temporal"] = self.temporal.init(t_rng, frames)["params"]
-    return out
 
   def frozen_host(self) -> dict[str, Any]:
     """The frozen pytree as host numpy: {"clip": the text tower's float32 params, "captions":
