@@ -39,6 +39,13 @@ evaluators follow it: `--config=configs/prompt_clip_action.py:demo,protocol.name
 evaluates `openset` (seen / unseen top-1, harmonic mean) and `action` on `test`; the others
 evaluate `action` and `fewshot` (N-way K-shot episodes) on `test`.
 
+Compound class names: the same clips labelled "red moving left" (64 colour + motion classes;
+`labels=shape_motion`: "circle moving left", 61) are a corpus of their own, then a cache of it:
+  python -m launch.synthetic --config=configs/clip_pretrain.py:demo --out=runs/clip/data_cm \
+      --config.data.synthetic.labels=colour_motion
+and the demo's time-reversed pairs name motion classes: drop them with
+`--config.evals.test.opposites=()` (`evals.test_action.opposites` under `openset`).
+
 Presets: `tiny` (unit tests: tiny sizes, a few steps), `demo` (the synthetic corpus: a demo CLIP
 from configs/clip_pretrain.py:demo, context 32, so 8 + 8 prompt vectors; 8-frame clips),
 `base` (ViT-B/16 CLIP: D 512, 16 + 16 prompt vectors, 2 temporal layers, 16 frames, batch 64,

@@ -190,3 +190,65 @@ def test_contrast_probes_differ_only_in_direction(corpus):
     else:
       assert probes == []
   assert seen >= 5
+
+
+def test_class_names_of_each_labelling():
+  assert synthetic.class_names() == [synthetic.LABEL_TEXT[m] for m in synthetic.MOTIONS]
+  colour = synthetic.class_names("colour_motion")
+  assert len(colour) == 64 == len(set(colour)) and colour[:2] == ["red moving left",
+                                                                    "red moving right"]
+  shape = synthetic.class_names("shape_motion")
+  assert len(shape) == 8 * 8 - 3 == len(set(shape))  # circles, rings, hexagons never rotate
+  assert "circle rotating" not in shape and "square rotating" in shape
+  with pytest.raises(ValueError, match="colour_motion"):
+    synthetic.class_names("shape")
+
+
+def test_labellings_share_clips_and_label_the_first_object(tmp_path):
+  held = synthetic.heldout_pairs(0)
+  for i in range(12):
+    clips = {k: synthetic.render_clip(0, "train", i, 3, 32, held, labels=k)
+             for k in synthetic.LABELINGS}
+    base = clips["motion"]
+    first = base["objects"][0]
+    for k, clip in clips.items():
+      assert clip["frames"] == base["frames"] and clip["captions"] == base["captions"]
+      assert synthetic.class_names(k)[clip["label_index"]] == clip["label_text"]
+    assert base["label_text"] == synthetic.LABEL_TEXT[first["motion"]]
+    assert clips["colour_motion"]["label_text"] == f"{first['colour']} {base['label_text']}"
+    assert clips["shape_motion"]["label_text"] == f"{first['shape']} {base['label_text']}"
+  # ensure: the labelling is part of the corpus's parameters (an existing motion corpus's
+  # DONE marker, which has no `labels`, still matches the default)
+  d = str(tmp_path / "data")
+  cfg = ml_collections.ConfigDict(dict(generate=True, seed=2, **SMALL))
+  assert synthetic.ensure(d, cfg) is not None
+  with open(os.path.join(d, "DONE")) as f:
+    assert "labels" not in json.load(f)
+  cfg.labels = "colour_motion"
+  assert synthetic.ensure(d, cfg) is not None
+  with open(os.path.join(d, "synthetic.json")) as f:
+    assert json.load(f)["label_text"] == synthetic.class_names("colour_motion")
+  for clip in _clips(d, "test"):
+    first = json.loads(clip["synthetic/attributes"][0])[0]
+    label = f"{first['colour']} {synthetic.LABEL_TEXT[first['motion']]}"
+    assert clip[records.LABEL_TEXT] == [label.encode()]
+    assert list(clip[records.LABEL_INDEX]) == [synthetic.class_names("colour_motion").index(label)]
+
+
+def test_launch_synthetic_writes_the_configs_corpus(tmp_path):
+  import subprocess  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = str(tmp_path / "cm")
+  cmd = [sys.executable, "-m", "launch.synthetic", "--config=configs/clip_pretrain.py:tiny",
+         f"--out={out}", "--config.data.synthetic.labels=colour_motion"]
+  runs = [subprocess.run(cmd, cwd=root, capture_output=True, text=True, check=True)
+          for _ in range(2)]
+  first, second = (json.loads(r.stdout.strip().splitlines()[-1]) for r in runs)
+  assert first["counts"]["train"] == 32 and second == dict(dir=out, existing=True)
+  with open(os.path.join(out, "synthetic.json")) as f:
+    meta = json.load(f)
+  assert meta["labels"] == "colour_motion" and len(meta["label_text"]) == 64
+  bad = subprocess.run(cmd[:-1] + ["--config.data.synthetic.labels=colour"], cwd=root,
+                       capture_output=True, text=True)
+  assert bad.returncode != 0 and "colour_motion" in bad.stderr

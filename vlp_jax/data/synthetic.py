@@ -45,6 +45,12 @@ OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up",
 LABEL_TEXT = {"left": "moving left", "right": "moving right", "up": "moving up",
               "down": "moving down", "grows": "growing", "shrinks": "shrinking",
               "rotates": "rotating", "still": "staying still"}
+# What a clip's class label (`label_index` / `label_text`) names: `motion`, the first object's
+# motion (8 classes, `LABEL_TEXT`); `colour_motion`, its colour and motion ("red moving left",
+# 64 classes); `shape_motion`, its shape and motion ("circle moving left"; 61 classes:
+# circles, rings and hexagons do not rotate). The compound ones are for protocols where part of
+# a class name is something a frame-level model can see (open-set recognition).
+LABELINGS = ("motion", "colour_motion", "shape_motion")
 SPLITS = ("train", "val", "test", "test_unseen")
 # Still images (one-frame clips of motionless shapes, captions without motion; CC3M-style) for
 # mixed video + image-text pre-training. Written only when `num_images` > 0.
@@ -421,15 +427,28 @@ def _min_distance(tracks, objects, num_frames) -> float:
   return float(gap.min())
 
 
+def class_names(labels: str = "motion") -> list[str]:
+  """The class names of a labelling (`LABELINGS`), line i = label index i."""
+  if labels == "motion":
+    return [LABEL_TEXT[m] for m in MOTIONS]
+  if labels == "colour_motion":
+    return [f"{c} {LABEL_TEXT[m]}" for c in COLOURS for m in MOTIONS]
+  if labels == "shape_motion":
+    return [f"{s} {LABEL_TEXT[m]}" for s in SHAPES for m in MOTIONS
+            if not (m == "rotates" and s in _NO_ROTATE)]
+  raise ValueError(f"synthetic labels must be one of {LABELINGS}, got {labels!r}")
+
+
 def render_clip(seed: int, split: str, index: int, num_frames: int, image_size: int,
-                heldout: list[tuple[str, str]], weights: np.ndarray | None = None
-                ) -> dict[str, Any]:
+                heldout: list[tuple[str, str]], weights: np.ndarray | None = None,
+                labels: str = "motion") -> dict[str, Any]:
   """Renders one clip.
 
   Returns:
     dict with `video_id` (str), `frames` (list of JPEG bytes, num_frames of
     image_size x image_size RGB), `captions` (list of str), `objects` (list of dicts with
-    shape, colour, size, motion), `label_index` / `label_text` (motion of the first object),
+    shape, colour, size, motion), `label_index` / `label_text` (the first object's class in
+    the labelling `labels`: `class_names(labels)`),
     `questions` / `answers` (aligned lists of str, `question_answers`).
     `weights`: topic probabilities of the first object (`topic_weights`); None = uniform.
   """
@@ -460,12 +479,15 @@ def render_clip(seed: int, split: str, index: int, num_frames: int, image_size: 
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=90, subsampling=0)  # 4:4:4 keeps small shapes' colour
     frames.append(buf.getvalue())
-  motion = objects[0]["motion"]
+  names = class_names(labels)
+  label = LABEL_TEXT[objects[0]["motion"]]
+  if labels != "motion":
+    label = f"{objects[0][labels.split('_')[0]]} {label}"
   # Own rng stream: adding questions left frames and captions unchanged.
   questions, answers = question_answers(
       np.random.default_rng([seed, _SPLIT_CODE[split], index, 0x9A]), objects)
   return dict(video_id=f"shapes-{split}-{index:06d}", frames=frames, captions=captions,
-              objects=objects, label_index=MOTIONS.index(motion), label_text=LABEL_TEXT[motion],
+              objects=objects, label_index=names.index(label), label_text=label,
               questions=questions, answers=answers)
 
 
@@ -498,12 +520,14 @@ def clip_record(clip: dict, num_frames: int):
 
 
 def _params(seed, counts, num_frames, image_size, num_shards, topic_zipf=0.0,
-            caption_noise=0.0) -> dict:
+            caption_noise=0.0, labels="motion") -> dict:
   # version 4: still images' captions say where the shape is (location_phrase).
   out = dict(version=4, seed=int(seed), counts={k: int(v) for k, v in counts.items()},
              num_frames=int(num_frames), image_size=int(image_size), num_shards=int(num_shards))
   if topic_zipf or caption_noise:  # absent when off: corpora written before keep their marker
     out.update(topic_zipf=float(topic_zipf), caption_noise=float(caption_noise))
+  if labels != "motion":
+    out.update(labels=labels)
   return out
 
 
@@ -513,7 +537,8 @@ _DONORS = 64  # a noisy clip takes the captions of one of the last this many tra
 
 def generate(out_dir: str, *, seed: int, num_train: int, num_val: int, num_test: int,
              num_test_unseen: int, num_frames: int, image_size: int, num_shards: int,
-             num_images: int = 0, topic_zipf: float = 0.0, caption_noise: float = 0.0) -> dict:
+             num_images: int = 0, topic_zipf: float = 0.0, caption_noise: float = 0.0,
+             labels: str = "motion") -> dict:
   """Writes the corpus: all splits as TFRecord shards, `vocab.txt`, `entities.txt`,
   `synthetic.json`, `DONE`.
 
@@ -533,6 +558,8 @@ def generate(out_dir: str, *, seed: int, num_train: int, num_val: int, num_test:
     caption_noise: fraction of training clips whose captions are replaced by those of another
       recent training clip of a different topic (mismatched pairs, as in web data); their
       ids go to `train.noisy_ids.txt`. Frames, attributes and questions stay the clip's own.
+    labels: what the class labels name (`LABELINGS`); frames and captions do not depend on
+      it, so corpora differing only here hold the same clips.
 
   Returns:
     Summary dict: `dir`, `counts` per split, `heldout_pairs`, `vocab_size`, `seconds`.
@@ -546,7 +573,9 @@ def generate(out_dir: str, *, seed: int, num_train: int, num_val: int, num_test:
     raise ValueError(f"caption_noise must be in [0, 1), got {caption_noise}")
   if topic_zipf < 0:
     raise ValueError(f"topic_zipf must be >= 0, got {topic_zipf}")
-  params = _params(seed, counts, num_frames, image_size, num_shards, topic_zipf, caption_noise)
+  names = class_names(labels)  # validates labels before anything is written
+  params = _params(seed, counts, num_frames, image_size, num_shards, topic_zipf, caption_noise,
+                   labels)
   os.makedirs(out_dir, exist_ok=True)
   meta_path = os.path.join(out_dir, "synthetic.json")
   done_path = os.path.join(out_dir, "DONE")
@@ -559,7 +588,7 @@ def generate(out_dir: str, *, seed: int, num_train: int, num_val: int, num_test:
                           "generator; refusing to overwrite them")
   heldout = heldout_pairs(seed)
   meta = dict(params, shapes=list(SHAPES), colours=list(COLOURS), sizes=list(SIZES),
-              motions=list(MOTIONS), label_text=[LABEL_TEXT[m] for m in MOTIONS],
+              motions=list(MOTIONS), label_text=names,
               opposite=OPPOSITE, heldout_pairs=[list(p) for p in heldout])
   with open(meta_path, "w") as f:
     json.dump(meta, f, indent=1, sort_keys=True)
@@ -576,7 +605,7 @@ def generate(out_dir: str, *, seed: int, num_train: int, num_val: int, num_test:
       for i in range(n):
         frames = 1 if split == IMAGE_SPLIT else num_frames
         clip = render_clip(seed, split, i, frames, image_size, heldout,
-                           weights if split == "train" else None)
+                           weights if split == "train" else None, labels)
         if split == "train" and caption_noise:
           topic = (clip["objects"][0]["shape"], clip["objects"][0]["colour"])
           rng = np.random.default_rng([seed, _SPLIT_CODE[split], i, 0x401])
@@ -610,7 +639,7 @@ def ensure(out_dir: str, synthetic_cfg) -> dict | None:
     out_dir: data directory.
     synthetic_cfg: `config.data.synthetic` (seed, num_train, num_val, num_test,
       num_test_unseen, num_frames, image_size, num_shards, optional num_images, topic_zipf,
-      caption_noise).
+      caption_noise, labels).
 
   Returns:
     generate()'s summary when it generated, else None.
@@ -622,7 +651,8 @@ def ensure(out_dir: str, synthetic_cfg) -> dict | None:
   if num_images:
     counts[IMAGE_SPLIT] = num_images
   zipf, noise = float(c.get("topic_zipf", 0.0)), float(c.get("caption_noise", 0.0))
-  params = _params(c.seed, counts, c.num_frames, c.image_size, c.num_shards, zipf, noise)
+  labels = str(c.get("labels", "motion"))
+  params = _params(c.seed, counts, c.num_frames, c.image_size, c.num_shards, zipf, noise, labels)
   done_path = os.path.join(out_dir, "DONE")
   if os.path.exists(done_path):
     try:
@@ -634,4 +664,4 @@ def ensure(out_dir: str, synthetic_cfg) -> dict | None:
   return generate(out_dir, seed=c.seed, num_train=c.num_train, num_val=c.num_val,
                   num_test=c.num_test, num_test_unseen=c.num_test_unseen,
                   num_frames=c.num_frames, image_size=c.image_size, num_shards=c.num_shards,
-                  num_images=num_images, topic_zipf=zipf, caption_noise=noise)
+                  num_images=num_images, topic_zipf=zipf, caption_noise=noise, labels=labels)
