@@ -80,7 +80,8 @@ def base() -> ml_collections.ConfigDict:
   c.data.synthetic.num_shards = 4
   c.data.synthetic.topic_zipf = 0.0     # > 0: long-tailed (shape, colour) topics in train
   c.data.synthetic.caption_noise = 0.0  # fraction of train clips given another clip's captions
-  c.data.synthetic.labels = "motion"    # class labels: motion (8) | colour_motion (64) | shape_motion (61)
+  # class labels: motion (8 classes) | colour_motion (64) | shape_motion (61)
+  c.data.synthetic.labels = "motion"
 
   # Model (ALPRO: TimeSformer-B/16 + bert-base with fusion from layer 6).
   c.model = ml_collections.ConfigDict()
