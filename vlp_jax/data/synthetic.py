@@ -50,7 +50,9 @@ LABEL_TEXT = {"left": "moving left", "right": "moving right", "up": "moving up",
 # 64 classes); `shape_motion`, its shape and motion ("circle moving left"; 61 classes:
 # circles, rings and hexagons do not rotate). The compound ones are for protocols where part of
 # a class name is something a frame-level model can see (open-set recognition).
-LABELINGS = ("motion", "colour_motion", "shape_motion")
+# Labelling -> the attribute of the first object named before its motion (None: motion only).
+_LABEL_PREFIX = {"motion": None, "colour_motion": "colour", "shape_motion": "shape"}
+LABELINGS = tuple(_LABEL_PREFIX)
 SPLITS = ("train", "val", "test", "test_unseen")
 # Still images (one-frame clips of motionless shapes, captions without motion; CC3M-style) for
 # mixed video + image-text pre-training. Written only when `num_images` > 0.
@@ -481,8 +483,8 @@ def render_clip(seed: int, split: str, index: int, num_frames: int, image_size: 
     frames.append(buf.getvalue())
   names = class_names(labels)
   label = LABEL_TEXT[objects[0]["motion"]]
-  if labels != "motion":
-    label = f"{objects[0][labels.split('_')[0]]} {label}"
+  if _LABEL_PREFIX[labels]:
+    label = f"{objects[0][_LABEL_PREFIX[labels]]} {label}"
   # Own rng stream: adding questions left frames and captions unchanged.
   questions, answers = question_answers(
       np.random.default_rng([seed, _SPLIT_CODE[split], index, 0x9A]), objects)
