@@ -90,6 +90,7 @@ def base() -> ml_collections.ConfigDict:
       mlp_dim=3072, temporal="divided", dropout=0.0,
       embed_init_std=0.02,                 # std of the CLS token and position embeddings
       time_init_std=0.02,                  # std of the time embeddings
+      temporal_dense_init_std=0.0,         # std of temporal_dense's kernel, 0 = zeros
       init_std=0.02))                      # std of every other TimeSformer weight
   c.model.text = ml_collections.ConfigDict(dict(
       vocab_size=0,                     # 0 = size of the tokenizer's vocabulary

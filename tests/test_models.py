@@ -511,15 +511,17 @@ def test_dropout_uses_rng_and_deterministic_flag():
 
 def test_init_stds_from_config():
   """model.video.embed_init_std (CLS / position embeddings), model.video.time_init_std (time
-  embeddings), model.video.init_std (every other TimeSformer kernel) and model.text.init_std
+  embeddings), model.video.temporal_dense_init_std (zeros by default), model.video.init_std
+  (every other TimeSformer kernel) and model.text.init_std
   (every BERT weight and embedding) set the fresh init; the defaults are timm's and HF's 0.02."""
   c = alpro_pretrain.get_config("tiny")
   c.model.video.update(hidden=64, mlp_dim=128)
   c.model.text.update(vocab_size=512, hidden=64, mlp_dim=128)
 
-  def stds(embed_std, time_std, text_std, video_std):
+  def stds(embed_std, time_std, text_std, video_std, temporal_dense_std=0.0):
     c.model.video.embed_init_std, c.model.text.init_std = embed_std, text_std
     c.model.video.time_init_std, c.model.video.init_std = time_std, video_std
+    c.model.video.temporal_dense_init_std = temporal_dense_std
     model = ALPRO(alpro_lib.alpro_config(c.model, 512))
     p = nn.unbox(jax.jit(functools.partial(model.init))(
         jax.random.PRNGKey(0), np.zeros((1, 2, 32, 32, 3), np.float32),
@@ -534,14 +536,17 @@ def test_init_stds_from_config():
             float(np.std(text["encoder"]["layer_0"]["output"]["dense"]["kernel"])),
             float(np.std(emb["patch_embeddings"]["projection"]["kernel"])),
             float(np.std(layer["attention"]["attention"]["qkv"]["kernel"])),
-            float(np.std(layer["intermediate"]["dense"]["kernel"])))
+            float(np.std(layer["intermediate"]["dense"]["kernel"])),
+            float(np.std(layer["temporal_dense"]["kernel"])))
 
   default = stds(0.02, 0.02, 0.02, 0.02)
   # truncated normal at 2 std has std 0.88 x; a plain normal 1 x.
   np.testing.assert_allclose(default[:2], 0.02 * 0.88, rtol=0.25)
   np.testing.assert_allclose(default[2:5], 0.02, rtol=0.1)
-  np.testing.assert_allclose(default[5:], 0.02 * 0.88, rtol=0.15)
-  scaled = stds(0.3, 0.5, 1 / 8, 0.1)
+  np.testing.assert_allclose(default[5:8], 0.02 * 0.88, rtol=0.15)
+  assert default[8] == 0.0  # temporal_dense: zeros, as TimeSformer
+  scaled = stds(0.3, 0.5, 1 / 8, 0.1, 0.2)
   np.testing.assert_allclose(scaled[:2], [0.3 * 0.88, 0.5 * 0.88], rtol=0.25)
   np.testing.assert_allclose(scaled[2:5], 1 / 8, rtol=0.1)
-  np.testing.assert_allclose(scaled[5:], 0.1 * 0.88, rtol=0.15)
+  np.testing.assert_allclose(scaled[5:8], 0.1 * 0.88, rtol=0.15)
+  np.testing.assert_allclose(scaled[8], 0.2 * 0.88, rtol=0.15)

@@ -74,6 +74,9 @@ class VideoConfig:
   # Std of every other (truncated normal) kernel at a fresh init: patch embedding, attention,
   # MLP (timm: 0.02).
   init_std: float = 0.02
+  # Std of `temporal_dense` (the temporal attention's output projection) at a fresh init;
+  # 0 = zeros (TimeSformer).
+  temporal_dense_init_std: float = 0.0
 
   def __post_init__(self):
     p = "model.video"

@@ -35,6 +35,15 @@ def kernel_init(cfg: Any) -> nn.initializers.Initializer:
   return nn.initializers.truncated_normal(float(getattr(cfg, "init_std", 0.02)))
 
 
+def temporal_dense_init(cfg: Any) -> nn.initializers.Initializer:
+  """`temporal_dense`'s kernel: zeros (TimeSformer: a fresh block starts as the image model's
+  spatial block), or truncated normal with `model.video.temporal_dense_init_std` > 0. From
+  scratch a zero kernel also zeroes the gradient of the temporal attention below it, which
+  then starts learning only after the kernel has grown."""
+  std = float(getattr(cfg, "temporal_dense_init_std", 0.0))
+  return nn.initializers.truncated_normal(std) if std > 0 else nn.initializers.zeros
+
+
 def resize_time_embeddings(time_emb: jax.Array, num_frames: int) -> jax.Array:
   """Linearly interpolates a `[F, D]` time embedding to `[num_frames, D]`.
 
@@ -139,7 +148,8 @@ class TimesformerLayer(nn.Module):
   """One divided space-time block (ALPRO / official TimeSformer order).
 
   (a) temporal: for each spatial position, pre-norm attention over the T patch tokens, then
-      `temporal_dense` (zero-initialised, so a fresh block starts as a spatial ViT block) and
+      `temporal_dense` (zero-initialised by default, so a fresh block starts as a spatial ViT
+      block) and
       a residual add; the CLS token is left out.
   (b) spatial: per frame, attention over [CLS, N patches] with the CLS repeated per frame;
       the per-frame CLS outputs are averaged over time back into one CLS; residual.
@@ -166,7 +176,7 @@ class TimesformerLayer(nn.Module):
       xt = layers.constrain(xt, ("batch", "frames", "embed"))
       res = attn("temporal_attention")(ln("temporal_layernorm")(xt), deterministic)
       res = layers.dense(d, ("embed", None), dtype=self.dtype,
-                         kernel_init=nn.initializers.zeros, name="temporal_dense")(res)
+                         kernel_init=temporal_dense_init(cfg), name="temporal_dense")(res)
       xt = xt + res
       patches = xt.reshape(b, n, t, d).transpose(0, 2, 1, 3)
       patches = layers.constrain(patches, ("batch", "frames", "length", "embed"))
