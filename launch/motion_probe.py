@@ -24,7 +24,8 @@ flags.DEFINE_integer("steps", 400, "Training steps per seed.")
 flags.DEFINE_string("seeds", "0,1,2", "Comma-separated seeds (init and batch order).")
 flags.DEFINE_string("tasks", "motion", "motion | motion+appearance (adds colour and shape "
                     "heads, as pre-training asks for more than motion).")
-flags.DEFINE_integer("num_clips", 3072, "Clips rendered; the last 512 are the test set.")
+flags.DEFINE_integer("num_clips", 3072, "Clips rendered; the last quarter (at most 512) "
+                     "are the test set.")
 
 
 def main(argv):

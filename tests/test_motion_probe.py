@@ -62,6 +62,8 @@ def test_an_order_blind_encoder_cannot_pass_both_directions(clips):
   assert both["steps"] == [4] and np.isfinite(both["loss"]).all()
   with pytest.raises(ValueError, match="tasks"):
     motion_probe.run(_video_cfg(), clips, steps=1, batch_size=8, lr=1e-3, seed=0, tasks="x")
+  with pytest.raises(ValueError, match="temporal_dense_init_std"):
+    _video_cfg(temporal_dense_init_std=-0.1)
   with pytest.raises(ValueError, match="none for training"):
     motion_probe.run(_video_cfg(), clips, steps=1, batch_size=8, lr=1e-3, seed=0, num_test=72)
 

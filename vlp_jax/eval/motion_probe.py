@@ -99,7 +99,7 @@ def run(video_cfg, data: dict[str, np.ndarray], *, steps: int, batch_size: int, 
   video = (data["video"].astype(np.float32) / 255.0 - np.asarray(CLIP_MEAN, np.float32)) / \
       np.asarray(CLIP_STD, np.float32)
   labels = np.stack([data["motion"], data["colour"], data["shape"]], 1)
-  train, test = slice(0, n - num_test), slice(n - num_test, n)
+  test = slice(n - num_test, n)  # the training clips are the first n - num_test
   model = _Probe(video_cfg)
   params = model.init(jax.random.PRNGKey(seed), video[:2])
   opt = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, max(steps // 20, 1), steps),
@@ -129,7 +129,7 @@ def run(video_cfg, data: dict[str, np.ndarray], *, steps: int, batch_size: int, 
   out = {"steps": [], "loss": [], "motion_acc": [], "reversed_acc": []}
   t0 = time.time()
   for i in range(1, steps + 1):
-    idx = rng.integers(0, n - num_test, batch_size) + train.start
+    idx = rng.integers(0, n - num_test, batch_size)
     params, state, loss = step(params, state, video[idx], labels[idx])
     if i % every == 0 or i == steps:
       x, y = video[test], data["motion"][test]

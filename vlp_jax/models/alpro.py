@@ -90,6 +90,9 @@ class VideoConfig:
            f"{p}.temporal must be one of {TEMPORAL_MODES}, got {self.temporal!r}")
     _check_dropout(p, self.dropout)
     _check(self.layer_norm_eps > 0, f"{p}.layer_norm_eps must be > 0, got {self.layer_norm_eps!r}")
+    _check(self.temporal_dense_init_std >= 0,
+           f"{p}.temporal_dense_init_std must be >= 0 (0 = zeros), got "
+           f"{self.temporal_dense_init_std!r}")
 
   @property
   def num_patches(self) -> int:

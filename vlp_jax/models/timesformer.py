@@ -149,8 +149,7 @@ class TimesformerLayer(nn.Module):
 
   (a) temporal: for each spatial position, pre-norm attention over the T patch tokens, then
       `temporal_dense` (zero-initialised by default, so a fresh block starts as a spatial ViT
-      block) and
-      a residual add; the CLS token is left out.
+      block) and a residual add; the CLS token is left out.
   (b) spatial: per frame, attention over [CLS, N patches] with the CLS repeated per frame;
       the per-frame CLS outputs are averaged over time back into one CLS; residual.
   (c) MLP with pre-norm; residual.
