@@ -13,7 +13,9 @@ device's memory stats, else the compiled step's memory analysis), `devices`, `pl
 times ALPRO's VTC step (VTM/MLM/PEM weights set to 0) and, in the same run, the PyTorch eager
 reference at the same shapes (HF TimesformerModel + BertModel, AdamW; vlp_jax/core/
 torch_reference.py; needs torch and transformers), adding `torch_step_time_s` and
-`speedup_vs_torch` (torch time / vlp_jax time).
+`speedup_vs_torch` (torch time / vlp_jax time), and both libraries' float32 GEMM throughput
+at the shape of the video MLP's GEMMs (`gemm_shape` = tokens, hidden, mlp), forward and
+weight-gradient: `gemm_forward_vs_torch`, `gemm_weight_grad_vs_torch` (ours / torch's).
 
   python -m launch.benchmark --config=configs/alpro_pretrain.py:demo --input_only
 
@@ -85,6 +87,14 @@ def main(argv):
     from vlp_jax.core import torch_reference
     figures.update(torch_reference.run(config, steps=FLAGS.steps, warmup=FLAGS.warmup))
     figures["speedup_vs_torch"] = figures["torch_step_time_s"] / figures["step_time_s"]
+    # The step is mostly GEMMs: the same GEMM in both libraries bounds the step's ratio.
+    shape = benchmark.mlp_gemm_shape(config)
+    ours, theirs = benchmark.gemm_flops(shape), torch_reference.gemm_flops(shape)
+    figures["gemm_shape"] = list(shape)
+    for kind in ours:
+      figures[f"gemm_{kind}_tflops"] = ours[kind] / 1e12
+      figures[f"torch_gemm_{kind}_tflops"] = theirs[kind] / 1e12
+      figures[f"gemm_{kind}_vs_torch"] = ours[kind] / theirs[kind]
   print(benchmark.table(figures))
   print(json.dumps(figures))
 

@@ -81,6 +81,24 @@ def test_torch_reference_has_our_vtc_shapes_and_trains():
   assert figures["torch_step_time_min_s"] <= figures["torch_step_time_s"]
 
 
+def test_gemm_comparison_shape_and_both_libraries():
+  """--compare=torch also times the video MLP's GEMM (its shape read from the config) in both
+  libraries: tokens = batch x (1 + frames x patches)."""
+  pytest.importorskip("torch")
+  from configs import alpro_pretrain
+  from vlp_jax.core import benchmark, torch_reference
+  assert benchmark.mlp_gemm_shape(alpro_pretrain.get_config("bench")) == (
+      16 * (1 + 4 * 7 * 7), 384, 1536)
+  config = alpro_pretrain.get_config("tiny")
+  v = config.model.video
+  assert benchmark.mlp_gemm_shape(config) == (
+      config.batch_size * (1 + config.data.num_frames * (v.image_size // v.patch_size) ** 2),
+      v.hidden, v.mlp_dim)
+  ours, theirs = benchmark.gemm_flops((64, 32, 48)), torch_reference.gemm_flops((64, 32, 48))
+  assert set(ours) == set(theirs) == {"forward", "weight_grad"}
+  assert all(f > 0 for f in (*ours.values(), *theirs.values()))
+
+
 def test_compare_torch_needs_alpro():
   from configs import mama_qa
   from vlp_jax.core import benchmark

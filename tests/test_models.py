@@ -136,6 +136,25 @@ def test_every_method_shapes_and_dtypes():
   np.testing.assert_allclose(temp, 0.07, rtol=1e-6)
 
 
+def test_gelu_is_exact_erf_gelu_with_its_gradient():
+  import math
+  x = np.concatenate([np.linspace(-8, 8, 401), [-30.0, -1e-3, 0.0, 1e-3, 30.0]]).astype(np.float32)
+  want = np.array([v / 2 * (1 + math.erf(v / math.sqrt(2))) for v in x.astype(np.float64)])
+  np.testing.assert_allclose(layers.gelu(jnp.asarray(x)), want, rtol=2e-6, atol=1e-6)
+  # d/dx = Phi(x) + x phi(x): the same gradient as jax's erfc form.
+  want_grad = np.array([(1 + math.erf(v / math.sqrt(2))) / 2 + v * math.exp(-v * v / 2)
+                        / math.sqrt(2 * math.pi) for v in x.astype(np.float64)])
+  grad = jax.vmap(jax.grad(layers.gelu))(jnp.asarray(x))
+  np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(grad, jax.vmap(jax.grad(lambda v: nn.gelu(v, approximate=False)))(
+      jnp.asarray(x)), rtol=1e-5, atol=1e-6)
+  xb = jnp.asarray(x, jnp.bfloat16)
+  assert layers.gelu(xb).dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(layers.gelu(xb), np.float32),
+                             np.asarray(nn.gelu(xb, approximate=False), np.float32), rtol=2e-2,
+                             atol=1e-2)
+
+
 def test_temperature_clipped_with_gradient():
   cfg = tiny_config()
   params = init_params(cfg)

@@ -40,11 +40,33 @@ def peak_flops(device) -> tuple[float | None, str]:
 
 def measured_gemm_flops(n: int = 1024, repeats: int = 5) -> float:
   """Best FLOP/s of an n x n float32 matmul on the default device (a CPU peak estimate)."""
-  a = jnp.ones((n, n), jnp.float32)
-  f = jax.jit(lambda x: x @ x)
-  f(a).block_until_ready()
-  best = min(_timed(lambda: f(a).block_until_ready()) for _ in range(repeats))
-  return 2.0 * n ** 3 / best
+  return gemm_flops((n, n, n), repeats=repeats)["forward"]
+
+
+def gemm_flops(shape: tuple[int, int, int], repeats: int = 5) -> dict[str, float]:
+  """Best FLOP/s of float32 matmuls of `shape` = (m, k, n) on the default device:
+  "forward" `x[m, k] @ w[k, n]`, "weight_grad" `x[m, k].T @ dy[m, n]` (a dense layer's two
+  GEMM kinds)."""
+  m, k, n = shape
+  x, w, dy = jnp.ones((m, k), jnp.float32), jnp.ones((k, n), jnp.float32), \
+      jnp.ones((m, n), jnp.float32)
+  fns = {"forward": (jax.jit(lambda a, b: a @ b), x, w),
+         "weight_grad": (jax.jit(lambda a, b: a.T @ b), x, dy)}
+  out = {}
+  for name, (f, a, b) in fns.items():
+    f(a, b).block_until_ready()
+    best = min(_timed(lambda: f(a, b).block_until_ready()) for _ in range(repeats))
+    out[name] = 2.0 * m * k * n / best
+  return out
+
+
+def mlp_gemm_shape(config) -> tuple[int, int, int]:
+  """(tokens, hidden, mlp_dim) of the video encoder's MLP GEMM in `config`'s ALPRO step: the
+  step's largest GEMMs (tokens = batch x (1 + frames x patches))."""
+  v = config.model.video
+  patches = (int(v.image_size) // int(v.patch_size)) ** 2
+  tokens = int(config.batch_size) * (1 + int(config.data.num_frames) * patches)
+  return tokens, int(v.hidden), int(v.mlp_dim)
 
 
 def _timed(fn) -> float:

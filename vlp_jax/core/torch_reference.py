@@ -93,3 +93,23 @@ def run(config, steps: int = 10, warmup: int = 2, seed: int = 0) -> dict:
   return {"torch_step_time_s": statistics.median(times), "torch_step_time_min_s": min(times),
           "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__,
           "torch_loss_finite": bool(loss == loss and abs(loss) != float("inf"))}
+
+
+def gemm_flops(shape: tuple[int, int, int], repeats: int = 5) -> dict[str, float]:
+  """PyTorch's best FLOP/s for `vlp_jax.core.benchmark.gemm_flops`'s matmuls of `shape` =
+  (m, k, n): "forward" `x[m, k] @ w[k, n]`, "weight_grad" `x[m, k].T @ dy[m, n]` (float32)."""
+  import torch  # noqa: PLC0415  (test extra: only the benchmark reference needs it)
+
+  m, k, n = shape
+  x, w, dy = torch.ones(m, k), torch.ones(k, n), torch.ones(m, n)
+  fns = {"forward": lambda: x @ w, "weight_grad": lambda: x.T @ dy}
+  out = {}
+  for name, f in fns.items():
+    f()
+    best = float("inf")
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      f()
+      best = min(best, time.perf_counter() - t0)
+    out[name] = 2.0 * m * k * n / best
+  return out

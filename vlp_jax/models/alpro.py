@@ -264,7 +264,7 @@ class _Transform(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     h = layers.dense(self.hidden, ("embed", None), dtype=self.dtype, name="dense")(x)
-    h = nn.gelu(h, approximate=False)
+    h = layers.gelu(h)
     return layers.layer_norm(1e-12, self.dtype, name="LayerNorm")(h)
 
 

@@ -37,7 +37,7 @@ _INIT = nn.initializers.normal(0.02)
 # "gelu_new" / "gelu_pytorch_tanh" the tanh approximation, "quick_gelu" x * sigmoid(1.702 x).
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
-    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "gelu": layers.gelu,
     "gelu_new": lambda x: nn.gelu(x, approximate=True),
     "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),
     "relu": nn.relu,

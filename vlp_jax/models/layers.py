@@ -307,10 +307,20 @@ class Intermediate(nn.Module):
     """x `[B, L, D]` -> `[B, L, features]` in `dtype`."""
     y = dense(self.features, ("embed", "mlp"), dtype=self.dtype, kernel_init=self.kernel_init,
               name="dense")(x)
-    y = constrain(nn.gelu(y, approximate=False), ("batch", "length", "mlp"))
+    y = constrain(gelu(y), ("batch", "length", "mlp"))
     if self.dropout:
       y = nn.Dropout(self.dropout)(y, deterministic)
     return y
+
+
+def gelu(x: jax.Array) -> jax.Array:
+  """Exact GELU `x / 2 * (1 + erf(x / sqrt(2)))` (HF's "gelu", torch's default), any shape
+  and float dtype.
+
+  The same function as `jax.nn.gelu(x, approximate=False)`, which XLA expands through erfc:
+  this erf form is about 4x faster on CPU, forward and backward.
+  """
+  return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(0.7071067811865476, x.dtype)))
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
