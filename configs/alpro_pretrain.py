@@ -117,7 +117,10 @@ def base() -> ml_collections.ConfigDict:
   # sharpness rising linearly to ALPRO's over `ramp` (both fractions of num_steps). 0, 0 = hard
   # from the start (ALPRO).
   # `max_sharpness` < 1 tempers the hard negatives for good (softmax of VTC logits times it).
-  c.vtm_negatives = ml_collections.ConfigDict(dict(hard_from=0.0, ramp=0.0, max_sharpness=1.0))
+  # `twin_prob`: with data.reverse_twins, the chance that a row's VTM negative is its
+  # time-reversed twin (the other direction of the same clip) instead of a sampled one.
+  c.vtm_negatives = ml_collections.ConfigDict(dict(hard_from=0.0, ramp=0.0, max_sharpness=1.0,
+                                                   twin_prob=0.0))
 
   # Prompting entity modelling (used when loss.pem > 0).
   c.pem = ml_collections.ConfigDict(dict(
@@ -132,6 +135,11 @@ def base() -> ml_collections.ConfigDict:
       # its top probability >= threshold; "over_uniform": when top probability - 1/K >=
       # threshold (for small K, where 1/K alone may pass an absolute threshold: K = 8 -> 0.125).
       threshold_mode="absolute",
+      # True: pre-training starts from the prompter's weights instead of a fresh init (unless
+      # init.checkpoint names a run), so the prompter's VTC-only steps also serve as a first
+      # phase of pre-training; the prompter stage then runs even with loss.pem = 0. ALPRO:
+      # False (a separate teacher, pre-training from ImageNet / BERT weights).
+      warm_start=False,
       area=(0.3, 0.5),         # region area, fraction of the frame
       aspect=(0.3, 1 / 0.3),   # region height / width
   ))
@@ -230,7 +238,8 @@ def _demo(c):
   # timm's / HF's 0.02 both collapse to input-independent features for the first ~250 steps
   # (VTC at ln B); large time embeddings let temporal attention tell frames apart.
   c.model.video.update(image_size=40, patch_size=8, num_frames=4, hidden=128, layers=4, heads=4,
-                       mlp_dim=256, init_std=0.088, time_init_std=0.3)
+                       mlp_dim=256, init_std=0.088, time_init_std=1.0, embed_init_std=0.3,
+                       temporal_dense_init_std=0.088)
   c.model.text.update(hidden=128, layers=4, fusion_layer=2, heads=4, mlp_dim=256,
                       max_position=64, init_std=0.088)
   c.model.embed_dim = 128
@@ -240,14 +249,16 @@ def _demo(c):
   c.optim.model.update(lr=1e-3, warmup_frac=0.05)
   c.batch_size = 32
   c.eval_batch_size = 64
-  c.num_steps = 800
+  c.num_steps = 600
   c.log_every = 50
-  c.evals.test = retrieval_eval("test", every=400, rerank_k=16)
-  c.evals.test_unseen = retrieval_eval("test_unseen", every=400)
-  c.ckpt_every = 400
+  c.evals.test = retrieval_eval("test", every=300, rerank_k=16)
+  c.evals.test_unseen = retrieval_eval("test_unseen", every=300)
+  c.ckpt_every = 300
   # K = 8 shape nouns: uniform is already 0.125, so the threshold is a margin over it.
-  c.pem.update(num_entities=8, prompter_steps=300, prompter_ckpt_every=300,
-               threshold_mode="over_uniform")
+  # Most of the budget goes to the prompter (VTC only, half the cost of a full step): motion
+  # direction needs 1000+ VTC steps to appear, and pre-training starts from the prompter.
+  c.pem.update(num_entities=8, prompter_steps=1600, prompter_ckpt_every=800,
+               threshold_mode="over_uniform", warm_start=True)
 
 
 def _base(c):
@@ -276,8 +287,8 @@ def prompter_stage(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   """The prompter stage of a pre-training config: same model, data and optimiser, VTC only.
 
   Returns a copy with `loss` = VTC only, `num_steps` = `pem.prompter_steps`, `ckpt_every` =
-  `pem.prompter_ckpt_every`, evaluation only at the end, and no `init.checkpoint`
-  (transformers imports `init.text` / `init.video` stay).
+  `pem.prompter_ckpt_every`, evaluation only at the end, and no `init.checkpoint` or
+  `pem.warm_start` (transformers imports `init.text` / `init.video` stay).
   """
   c = copy.deepcopy(config)
   with c.unlocked():
@@ -290,14 +301,16 @@ def prompter_stage(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
       if "rerank_k" in ev:
         ev.rerank_k = 0  # the prompter trains no VTM head
     c.init.checkpoint = ""
+    c.pem.warm_start = False  # the prompter itself starts fresh
   return c
 
 
 def stages(config: ml_collections.ConfigDict, workdir: str) -> list[tuple[str, object, str]]:
   """Runs `python -m launch.train` completes before training `config` in `workdir`:
-  [(name, config, workdir)]. PEM with `pem.prompter` = "" needs its prompter in
-  WORKDIR/prompter (`prompter_stage`); random benchmark data uses an untrained one."""
-  if (float(config.loss.pem) > 0 and not config.pem.prompter
-      and config.data.source != "random"):
+  [(name, config, workdir)]. PEM or `pem.warm_start` with `pem.prompter` = "" needs its
+  prompter in WORKDIR/prompter (`prompter_stage`); random benchmark data uses an untrained
+  one."""
+  wanted = float(config.loss.pem) > 0 or bool(config.pem.get("warm_start", False))
+  if wanted and not config.pem.prompter and config.data.source != "random":
     return [("prompter", prompter_stage(config), os.path.join(workdir, "prompter"))]
   return []

@@ -539,4 +539,13 @@ def test_reversed_twins_are_clips_played_backwards_with_the_opposite_caption(cor
       want_ids, _ = text.tokenize(tok, [swapped], LEN)
       np.testing.assert_array_equal(y["text_ids"][j], want_ids[0])
       assert y["video_id"][j] == x["video_id"][i] + b"#reversed"
+      # The offsets pair exactly these rows, both ways (VTM's twin negatives).
+      assert (y["twin"][i], y["twin"][j]) == (b - n, n - b)
+    for i in range(b):  # every other row has no twin
+      if y["twin"][i]:
+        assert y["video_id"][i + y["twin"][i]].removesuffix(b"#reversed") == \
+            y["video_id"][i].removesuffix(b"#reversed")
+      else:
+        assert not y["video_id"][i].endswith(b"#reversed")
+    assert y["twin"].dtype == np.int32 and "twin" not in x
   assert reversed_rows >= 3

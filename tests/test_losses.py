@@ -180,6 +180,30 @@ def test_hard_negatives_follow_masked_softmax(sharpness):
   assert np.all(np.abs(freq_t - p_v2t) <= tol_t), np.abs(freq_t - p_v2t).max()
 
 
+def test_twin_negatives_replace_sampled_ones_by_the_reversed_twin():
+  from vlp_jax.losses import twin_negatives
+  # Rows 0, 1 have twins 4, 5 (offset +4 / -4); rows 2, 3 have none.
+  twin = jnp.asarray([4, 4, 0, 0, -4, -4], jnp.int32)
+  sampled_v = jnp.asarray([3, 2, 1, 0, 0, 1], jnp.int32)
+  sampled_t = jnp.asarray([1, 0, 3, 2, 1, 0], jnp.int32)
+  v, t, m = twin_negatives(jax.random.key(0), twin, sampled_v, sampled_t, 1.0)
+  np.testing.assert_array_equal(v, [4, 5, 1, 0, 0, 1])
+  np.testing.assert_array_equal(t, [4, 5, 3, 2, 0, 1])
+  assert float(m["vtm/twin_frac"]) == pytest.approx(8 / 12)
+  v, t, m = twin_negatives(jax.random.key(0), twin, sampled_v, sampled_t, 0.0)
+  np.testing.assert_array_equal(v, sampled_v)
+  np.testing.assert_array_equal(t, sampled_t)
+  assert float(m["vtm/twin_frac"]) == 0.0
+  # At prob p each row with a twin takes it with frequency p, independently per direction.
+  keys = jax.random.split(jax.random.key(1), 4000)
+  v, t, _ = jax.vmap(lambda k: twin_negatives(k, twin, sampled_v, sampled_t, 0.3))(keys)
+  took_v = np.asarray(v[:, :2] == jnp.asarray([4, 5]))
+  took_t = np.asarray(t[:, :2] == jnp.asarray([4, 5]))
+  assert abs(took_v.mean() - 0.3) < 0.02 and abs(took_t.mean() - 0.3) < 0.02
+  assert abs(np.mean(took_v[:, 0] & took_t[:, 0]) - 0.09) < 0.02  # independent draws
+  np.testing.assert_array_equal(np.asarray(v[:, 2:4]), np.broadcast_to(sampled_v[2:4], (4000, 2)))
+
+
 def test_hard_negative_schedule():
   from vlp_jax.losses import hard_negative_sharpness as sharp
   # ALPRO: hard from the first step.

@@ -291,6 +291,39 @@ def test_evaluate_cli_on_a_pretraining_run_without_prompter_trains_nothing(tmp_p
   assert '"step": 2' in proc.stdout
 
 
+def test_warm_start_begins_pretraining_from_the_prompter(tmp_path, data_dir, pretrain_dir):
+  prompter = pretrain_dir / "prompter"
+  c = _tiny(data_dir, **RUN, **{"loss.pem": 0.0, "pem.warm_start": True})
+  # Without PEM the prompter stage still runs when pre-training starts from it.
+  (name, stage, stage_dir), = alpro_pretrain.stages(c, str(tmp_path / "w"))
+  assert (name, stage_dir) == ("prompter", str(tmp_path / "w" / "prompter"))
+  assert not stage.pem.warm_start and stage.loss.to_dict()["vtm"] == 0.0
+  assert alpro_pretrain.stages(_tiny(data_dir, **{"loss.pem": 0.0}), str(tmp_path)) == []
+  teacher = Trainer(alpro_pretrain.prompter_stage(c), str(prompter)).build()
+  assert teacher.restore() == 10
+  want = jax.device_get(teacher.state.params["model"])
+  teacher.checkpointer.close()
+  c.pem.prompter = str(prompter)
+  run = Trainer(c, str(tmp_path / "run")).build()
+  fresh = jax.device_get(run.state.params["model"])
+  assert run.apply_init()
+  got = jax.device_get(run.state.params["model"])
+  run.checkpointer.close()
+  for k in ("video_encoder", "text_encoder", "vision_proj", "text_proj"):
+    for a, b in zip(jax.tree.leaves(want[k]), jax.tree.leaves(got[k])):
+      np.testing.assert_array_equal(a, b)
+    assert any(not np.array_equal(a, f) for a, f in zip(jax.tree.leaves(want[k]),
+                                                         jax.tree.leaves(fresh[k])))
+  # The VTM and MLM heads the prompter never trained: the prompter's untrained values
+  # (same names and shapes); the run still starts at step 0 with a fresh optimiser.
+  assert int(jax.device_get(run.state.step)) == 0
+  c.pem.prompter = str(tmp_path / "none")
+  run = Trainer(c, str(tmp_path / "run2")).build()
+  with pytest.raises(FileNotFoundError, match="pem.warm_start: no prompter checkpoint"):
+    run.apply_init()
+  run.checkpointer.close()
+
+
 def test_prompter_is_frozen_outside_the_optimizer(tmp_path, data_dir, pretrain_dir):
   c = _tiny(data_dir, **RUN, **{"pem.prompter": str(pretrain_dir / "prompter")})
   run = Trainer(c, str(tmp_path)).build()
@@ -353,6 +386,15 @@ def test_pem_configuration_errors(tmp_path, data_dir):
     task_lib.ALPROTask(_tiny(data_dir, **{"pem.num_entities": 9}), text)
   with pytest.raises(ValueError, match="vtm_negatives: hard_from"):
     task_lib.ALPROTask(_tiny(data_dir, **{"vtm_negatives.ramp": -0.1}), text)
+  with pytest.raises(ValueError, match="twin_prob > 0 needs time-reversed twins"):
+    task_lib.ALPROTask(_tiny(data_dir, **{"vtm_negatives.twin_prob": 0.5}), text)
+  with pytest.raises(ValueError, match="twin_prob must be in"):
+    task_lib.ALPROTask(_tiny(data_dir, **{"vtm_negatives.twin_prob": 1.5,
+                                          "data.reverse_twins.rate": 0.5}), text)
+  twins = task_lib.ALPROTask(_tiny(data_dir, **{"vtm_negatives.twin_prob": 0.5,
+                                                "data.reverse_twins.rate": 0.5}), text)
+  assert "twin" in twins.streams()["train"].keys and "twin" not in task.streams()["train"].keys
+  assert twins.dummy_batch(2)["twin"].dtype == np.int32
   with pytest.raises(FileNotFoundError, match="launch.entities"):
     task_lib.ALPROTask(_tiny(data_dir, **{"pem.entities": str(tmp_path / "none.txt")}), text)
   run = Trainer(c, str(tmp_path / "fresh")).build()

@@ -123,6 +123,13 @@ class Task(abc.ABC):
     del mesh, rules, workdir
     return None
 
+  def warm_start(self, workdir: str) -> str:
+    """Another run's WORKDIR whose params start this run when `config.init.checkpoint` is ""
+    (e.g. ALPRO's prompter stage with `pem.warm_start`); "" = a fresh init. Read once, when
+    the run starts without a checkpoint of its own, after every stage has finished."""
+    del workdir
+    return ""
+
   def import_pretrained(self, key: str, path: str, params: dict[str, Any]) -> dict[str, Any]:
     """Applies `config.init.<key> = "hf:<path>"` on the host.
 

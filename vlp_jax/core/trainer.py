@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
@@ -189,10 +190,15 @@ class Trainer:
     """Applies `config.init` (another run's params, transformers checkpoints) to the state.
 
     Call it only for a run that does not resume from its own checkpoint. Returns whether
-    `config.init` named anything.
+    `config.init` (or the task's `warm_start`) named anything.
     """
     self._require_built()
     init = self.config.get("init")
+    warm = self.task.warm_start(self.workdir)
+    if warm and not (init or {}).get("checkpoint", ""):
+      init = copy.deepcopy(init) if init is not None else ml_collections.ConfigDict()
+      with init.unlocked():
+        init.checkpoint = warm
     if not init_lib.requested(init):
       logging.info("config.init names nothing: starting from a fresh init")
       return False

@@ -143,6 +143,9 @@ class Loader:
     valid: bool [B] (False only on eval padding rows).
     label: int32 [B] the clip's class (`clip/label/index`); -1 when the record has none, on
       padding rows and on time-reversed twins.
+    twin: int32 [B], only with `data.reverse_twins.rate` > 0 in training: the row offset of a
+      row's time-reversed twin in the batch (row r's twin is row r + twin[r]), 0 = none.
+      Offsets, not indices, so they stay right when process batches are concatenated.
     video_id: object [B] of bytes (host-only; b"" on padding rows).
   Training: infinite, shuffled, random caption per clip. Eval: one deterministic pass, first
   caption per clip, the last batch padded to `batch_size` with valid=False rows.
@@ -352,6 +355,9 @@ class Loader:
     out["video_id"] = place(b["video_id"], tf.strings.join([b["video_id"][:n], "#reversed"]))
     # A reversed clip's class is not known generically (no class map of opposites here).
     out["label"] = place(b["label"], tf.fill([n], tf.constant(-1, b["label"].dtype)))
+    gap = tf.cast(rows - n, tf.int32)
+    pair = tf.cast(has, tf.int32) * gap
+    out["twin"] = tf.concat([pair, tf.zeros([rows - 2 * n], tf.int32), -pair], 0)
     return out
 
   def _tokenize_batch(self, index, b):
@@ -535,6 +541,8 @@ class Loader:
     label = np.concatenate([b["label"].numpy(), np.full(pad, -1, np.int64)])
     batch = dict(video=video, valid=valid, video_id=video_id,
                  label=np.where(valid, label, -1).astype(np.int32), **tokens)
+    if "twin" in b:  # training only: no padding rows
+      batch["twin"] = b["twin"].numpy().astype(np.int32)
     if self.qa:
       answer = np.concatenate([b["answer"].numpy(), np.full(pad, b"", object)])
       idx = answers_lib.indices(answer, self.answer_index)

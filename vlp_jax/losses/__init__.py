@@ -6,7 +6,8 @@ from vlp_jax.losses.pem import (keep_region, label_quality, pem_loss, region_mea
                                 soft_labels)
 from vlp_jax.losses.qa import qa_loss
 from vlp_jax.losses.vtc import vtc_loss
-from vlp_jax.losses.vtm import hard_negative_sharpness, sample_hard_negatives, vtm_loss
+from vlp_jax.losses.vtm import (hard_negative_sharpness, sample_hard_negatives, twin_negatives,
+                                vtm_loss)
 
 __all__ = [
     "IGNORE_INDEX",
@@ -24,6 +25,7 @@ __all__ = [
     "sample_regions",
     "scale_from_logit",
     "soft_labels",
+    "twin_negatives",
     "vtc_loss",
     "vtm_loss",
 ]

@@ -66,6 +66,34 @@ def sample_hard_negatives(rng: jax.Array, logits_t2v: jax.Array, sharpness: jax.
   return neg_video_for_text.astype(jnp.int32), neg_text_for_video.astype(jnp.int32)
 
 
+def twin_negatives(rng: jax.Array, twin: jax.Array, neg_video: jax.Array, neg_text: jax.Array,
+                   prob: float) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+  """Replaces sampled VTM negatives by time-reversed twins, each with probability `prob`.
+
+  A twin is the same clip played backwards with its direction words swapped, so the pair
+  (text i, twin's video) and (twin's text, video i) differ from the positive only in the
+  direction of time: negatives that the VTM head can reject only by reading frame order.
+
+  Args:
+    rng: a PRNG key.
+    twin: int32 [B], row r's twin is row r + twin[r]; 0 = no twin.
+    neg_video, neg_text: int32 [B], the sampled negatives (`sample_hard_negatives`).
+    prob: in [0, 1], chance that a row with a twin takes it, drawn independently for the
+      negative video and the negative text.
+
+  Returns:
+    neg_video, neg_text: int32 [B]; `{"vtm/twin_frac"}`: float32, share of the 2B negatives
+      that are twins.
+  """
+  b = twin.shape[0]
+  partner = jnp.arange(b, dtype=jnp.int32) + twin.astype(jnp.int32)
+  draw = jax.random.uniform(rng, (2, b)) < prob
+  use = draw & (twin != 0)[None]
+  neg_video = jnp.where(use[0], partner, neg_video).astype(jnp.int32)
+  neg_text = jnp.where(use[1], partner, neg_text).astype(jnp.int32)
+  return neg_video, neg_text, {"vtm/twin_frac": jnp.mean(use.astype(jnp.float32))}
+
+
 def _pair_ce(logits: jax.Array, label: int) -> jax.Array:
   """Cross-entropy [B] of 2-way logits [B, 2] against a constant label, in float32."""
   return -jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)[:, label]

@@ -20,6 +20,7 @@ import numpy as np
 
 from vlp_jax import losses
 from vlp_jax.convert import hf
+from vlp_jax.core import checkpoint as ckpt_lib
 from vlp_jax.core import task as task_lib
 from vlp_jax.data import entities as entities_lib
 from vlp_jax.data.mixture import IS_IMAGE
@@ -27,6 +28,8 @@ from vlp_jax.methods.alpro import flops
 from vlp_jax.methods.alpro import prompter as prompter_lib
 from vlp_jax.methods.alpro import retrieval
 from vlp_jax.models.alpro import ALPRO, alpro_config
+
+TWIN = "twin"  # host-batch key: row offset of a row's time-reversed twin (data/pipeline.py)
 
 
 @task_lib.register("alpro")
@@ -52,6 +55,14 @@ class ALPROTask(task_lib.Task):
             and 0.0 <= self._vtm_schedule["max_sharpness"] <= 1.0):
       raise ValueError(f"vtm_negatives: hard_from must be in [0, 1], ramp >= 0 (fractions of "
                        f"num_steps) and max_sharpness in [0, 1], got {dict(self._vtm_schedule)}")
+    # Share of the rows with a time-reversed twin in the batch whose VTM negatives are that
+    # twin (its video for the text, its caption for the video) instead of a sampled one.
+    self._twin_prob = float(schedule.get("twin_prob", 0.0))
+    if not 0.0 <= self._twin_prob <= 1.0:
+      raise ValueError(f"vtm_negatives.twin_prob must be in [0, 1], got {self._twin_prob}")
+    if self._twin_prob > 0 and not float(config.data.get("reverse_twins", {}).get("rate", 0.0)):
+      raise ValueError("vtm_negatives.twin_prob > 0 needs time-reversed twins in the batch: "
+                       "set data.reverse_twins.rate > 0")
     model_cfg = alpro_config(config.model, text.vocab_size)
     self.entities: list[str] = []
     if self.weights["pem"]:
@@ -77,8 +88,9 @@ class ALPROTask(task_lib.Task):
 
   def streams(self) -> dict[str, task_lib.Stream]:
     mixed = float(self.config.data.get("image_ratio", 0.0)) > 0.0
-    return {"train": task_lib.Stream(keys=task_lib.CAPTION_KEYS + ((IS_IMAGE,) if mixed else ()),
-                                     image_mix=True)}
+    keys = task_lib.CAPTION_KEYS + ((IS_IMAGE,) if mixed else ()) + (
+        (TWIN,) if self._twin_prob > 0 else ())
+    return {"train": task_lib.Stream(keys=keys, image_mix=True)}
 
   def _entity_file(self) -> str:
     if self.config.pem.entities:
@@ -101,6 +113,8 @@ class ALPROTask(task_lib.Task):
     }
     if IS_IMAGE in self.streams()["train"].keys:
       batch[IS_IMAGE] = np.zeros((batch_size,), bool)
+    if TWIN in self.streams()["train"].keys:
+      batch[TWIN] = np.zeros((batch_size,), np.int32)
     return batch
 
   def analytic_flops(self, batch_size: int) -> float:
@@ -130,6 +144,18 @@ class ALPROTask(task_lib.Task):
   def _apply(self, params, method, *args, rng=None, **kwargs):
     rngs = {"dropout": rng} if rng is not None else {}
     return self.model.apply({"params": params}, *args, method=method, rngs=rngs, **kwargs)
+
+  def warm_start(self, workdir: str) -> str:
+    """The prompter's WORKDIR with `pem.warm_start` (its VTC-trained weights start
+    pre-training), else "" (a fresh init)."""
+    if not self.config.get("pem", {}).get("warm_start", False):
+      return ""
+    path = prompter_lib.prompter_dir(self.config, workdir)
+    if ckpt_lib.latest_step(path) is None:
+      raise FileNotFoundError(
+          f"pem.warm_start: no prompter checkpoint in {path!r}; `python -m launch.train` with "
+          "this config trains it first (its `prompter` stage), or set pem.prompter")
+    return path
 
   def load_frozen(self, mesh, rules, workdir: str) -> task_lib.Frozen | None:
     """PEM's prompter and entity embeddings (`prompter.load_teacher`), None without PEM."""
@@ -182,6 +208,10 @@ class ALPROTask(task_lib.Task):
                                                **self._vtm_schedule)
         metrics["vtm/sharpness"] = sharp
       neg_video, neg_text = losses.sample_hard_negatives(keys[4], logits_t2v, sharp)
+      if TWIN in batch and step is not None:  # training only
+        neg_video, neg_text, m = losses.twin_negatives(
+            jax.random.fold_in(keys[4], 1), batch[TWIN], neg_video, neg_text, self._twin_prob)
+        metrics.update(m)
       # Pairs: (text_i, video_i), (text_i, hard-negative video), (hard-negative text, video_i).
       fused = app(params, ALPRO.fuse,
                   jnp.concatenate([text, text, text[neg_text]]),
