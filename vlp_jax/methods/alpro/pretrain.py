@@ -148,7 +148,8 @@ class ALPROTask(task_lib.Task):
   def warm_start(self, workdir: str) -> str:
     """The prompter's WORKDIR with `pem.warm_start` (its VTC-trained weights start
     pre-training), else "" (a fresh init)."""
-    if not self.config.get("pem", {}).get("warm_start", False):
+    if (not self.config.get("pem", {}).get("warm_start", False)
+        or self.config.data.source == "random"):  # benchmark data: no prompter stage
       return ""
     path = prompter_lib.prompter_dir(self.config, workdir)
     if ckpt_lib.latest_step(path) is None:
