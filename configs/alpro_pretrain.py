@@ -222,7 +222,7 @@ def _tiny(c):
 
 
 def _demo(c):
-  # Sized for 2 CPU cores: about 12 minutes end to end with PEM (README figures).
+  # Sized for 2 CPU cores: about 13 minutes end to end with PEM (README figures).
   c.data.synthetic.generate = True
   c.data.synthetic.image_size = 40
   # headtail (frames 0, 2, 5, 7 of 8) is symmetric in time: a reversed clip yields the same
@@ -249,15 +249,15 @@ def _demo(c):
   c.optim.model.update(lr=1e-3, warmup_frac=0.05)
   c.batch_size = 32
   c.eval_batch_size = 64
-  c.num_steps = 600
+  c.num_steps = 400
   c.log_every = 50
-  c.evals.test = retrieval_eval("test", every=300, rerank_k=16)
-  c.evals.test_unseen = retrieval_eval("test_unseen", every=300)
-  c.ckpt_every = 300
+  c.evals.test = retrieval_eval("test", every=200, rerank_k=16)
+  c.evals.test_unseen = retrieval_eval("test_unseen", every=200)
+  c.ckpt_every = 200
   # K = 8 shape nouns: uniform is already 0.125, so the threshold is a margin over it.
   # Most of the budget goes to the prompter (VTC only, half the cost of a full step): motion
   # direction needs 1000+ VTC steps to appear, and pre-training starts from the prompter.
-  c.pem.update(num_entities=8, prompter_steps=1600, prompter_ckpt_every=800,
+  c.pem.update(num_entities=8, prompter_steps=2000, prompter_ckpt_every=1000,
                threshold_mode="over_uniform", warm_start=True)
 
 
