@@ -390,6 +390,17 @@ def test_lr_mult_zero_keeps_leaves_and_their_state(tmp_path):
   assert len(w_state) == 2 and all(np.any(a != 0) for a in w_state)
 
 
+@pytest.mark.parametrize("key,value", [("lr_mult", (("w", 2.0), ("wq", 0.5))),
+                                       ("frozen", "inner/w"), ("no_decay", "W")])
+def test_optimizer_regexes_that_match_no_parameter_fail_at_build(tmp_path, key, value):
+  """A misspelt lr_mult, frozen or no_decay regex would otherwise change nothing, silently
+  (paths are fully matched: "inner/w" is not a path of the `inner` collection, "w" is)."""
+  config = _config(DEFAULT, dict(data=1, fsdp=1, tensor=1), inner={key: value})
+  bad = {"lr_mult": "wq", "frozen": "inner/w", "no_decay": "W"}[key]
+  with pytest.raises(ValueError, match=f"'{bad}' matches no parameter"):
+    Trainer(config, str(tmp_path), devices=jax.devices()[:1]).build()
+
+
 def test_registry():
   with pytest.raises(ValueError, match="no_such_task") as err:
     task_lib.get("no_such_task")

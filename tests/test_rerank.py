@@ -8,7 +8,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from configs import alpro_retrieval
-from vlp_jax.eval import blockwise, rerank
+from vlp_jax.eval import blockwise, dual_encoder, rerank
 from vlp_jax.eval.retrieval import retrieval_metrics
 from vlp_jax.models.alpro import ALPRO
 from vlp_jax.parallel import sharding as shd
@@ -189,3 +189,58 @@ def test_task_evaluate_reranks_with_vtm_logits():
   want_v2t = 1 + np.sum(sim > np.diag(sim)[None, :], axis=0)
   np.testing.assert_array_equal(arrays["t2v_rank"], want_t2v)
   np.testing.assert_array_equal(arrays["v2t_rank"], want_v2t)
+
+
+def _with_probes(batches, max_len, seed=3):
+  rng = np.random.default_rng(seed)
+  out = []
+  for b in batches:
+    b = dict(b)
+    n = b["video"].shape[0]
+    b["probe_ids"] = rng.integers(5, 40, size=(n, 2, max_len)).astype(np.int32)
+    b["probe_mask"] = np.ones((n, 2, max_len), np.int32)
+    b["has_probe"] = b["valid"] & (np.arange(n) % 3 != 0)  # some clips have no probe
+    out.append(b)
+  return out
+
+
+@pytest.mark.parametrize("temporal", ["divided", "none"])
+def test_task_evaluate_probe_metrics_against_the_model_applied_directly(temporal):
+  """contrast_acc, probe_cos and reversal_cos over the valid clips with a probe; an encoder
+  without temporal attention gives a clip and its reversal the same feature (cosine 1)."""
+  task, batches = _task_and_batches()
+  # The demo's init: the temporal path is not zero at init.
+  task.config.model.video.update(temporal=temporal, time_init_std=1.0,
+                                 temporal_dense_init_std=0.2)
+  task = ALPROTask(task.config, TextInfo(None, 40))
+  batches = _with_probes(batches, task.config.data.max_text_len)
+  mesh = Mesh(np.array(jax.devices()).reshape(8, 1, 1), ("data", "fsdp", "tensor"))
+  rules = shd.rules_from_config(task.config.sharding_rules)
+  params = nn.unbox(jax.jit(task.init_params)(jax.random.PRNGKey(0)))
+  got, _ = task.evaluators()["retrieval"]({"model": params}, batches, mesh, rules,
+                                          task.config.evals.test)
+
+  keep = np.concatenate([b["has_probe"] for b in batches])
+  cat = lambda k: np.concatenate([b[k] for b in batches])[keep]
+  app = lambda method, *a: task.model.apply({"params": params}, *a, method=method)
+  video = cat("video")
+  v = np.asarray(app(ALPRO.video_feature, app(ALPRO.encode_video, video)))
+  vr = np.asarray(app(ALPRO.video_feature, app(ALPRO.encode_video, video[:, ::-1])))
+  ids, mask = cat("probe_ids"), cat("probe_mask")
+  n, _, length = ids.shape
+  p = np.asarray(app(ALPRO.text_feature, app(ALPRO.encode_text, ids.reshape(2 * n, length),
+                                             mask.reshape(2 * n, length)))).reshape(n, 2, -1)
+  scores = np.einsum("be,bke->bk", v, p)
+  assert n == 8 and np.ptp(scores[:, 0] - scores[:, 1]) > 1e-4
+  assert got["retrieval/contrast_acc"] == pytest.approx(100 * np.mean(scores[:, 0] > scores[:, 1]))
+  assert got["retrieval/probe_cos"] == pytest.approx(np.mean(np.sum(p[:, 0] * p[:, 1], -1)),
+                                                     abs=1e-5)
+  want = np.mean(np.sum(v * vr, -1))
+  assert got["retrieval/reversal_cos"] == pytest.approx(want, abs=1e-5)
+  if temporal == "none":
+    assert want == pytest.approx(1.0, abs=1e-5)
+  else:
+    assert 1.0 - want > 5e-5  # small at init, but well above float32 error (none: < 1e-5)
+  # A split without probes (or none valid) reports none of the three.
+  assert dual_encoder.probe_metrics({"video": v}) == {}
+  assert dual_encoder.probe_metrics({"video": v, "probe": p, "has_probe": np.zeros(n, bool)}) == {}

@@ -12,6 +12,8 @@ Settings of a collection (configs/alpro_pretrain.py has the defaults):
                                  and carry no optimizer state; ".*" freezes the collection
   lr_mult                        ((regex, multiplier), ...): the first matching rule scales
                                  that leaf's update (its learning rate, decay included)
+A `no_decay`, `frozen` or `lr_mult` regex that matches no leaf of the collection is an error
+when the optimizer state is created (a misspelt path would otherwise change nothing).
 """
 from __future__ import annotations
 
@@ -48,6 +50,8 @@ def decay_mask(params: Any, no_decay: str = "") -> Any:
   which does not count.
   """
   rx = _compile(no_decay, "optim no_decay") if no_decay else None
+  if rx is not None:
+    require_match(params, rx, "optim no_decay")
 
   def decayed(path, p):
     name = path_name(path)
@@ -69,9 +73,23 @@ def _compile(pattern: str, what: str) -> re.Pattern:
     raise ValueError(f"{what}: {pattern!r} is not a regular expression ({e})") from None
 
 
+def require_match(params: Any, rx: re.Pattern, what: str) -> None:
+  """Raises ValueError when `rx` fully matches no leaf path of `params`: a misspelt regex would
+  otherwise freeze, scale or exempt nothing without a word."""
+  names = [path_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+  if not any(rx.fullmatch(n) for n in names):
+    raise ValueError(f"{what} {rx.pattern!r} matches no parameter (re.fullmatch on the "
+                     f"'/'-joined path; {len(names)} leaves, e.g. {names[:3]})")
+
+
 def freeze_labels(params: Any, pattern: str) -> Any:
-  """FROZEN / TRAINED per leaf of `params` by `re.fullmatch(pattern, path)`."""
+  """FROZEN / TRAINED per leaf of `params` by `re.fullmatch(pattern, path)`.
+
+  Raises:
+    ValueError: `pattern` matches no leaf.
+  """
   rx = _compile(pattern, "optim frozen")
+  require_match(params, rx, "optim frozen")
   return jax.tree_util.tree_map_with_path(
       lambda p, _: FROZEN if rx.fullmatch(path_name(p)) else TRAINED, params)
 
@@ -82,10 +100,15 @@ def _scale_by_path(rules: tuple[tuple[re.Pattern, float], ...]) -> optax.Gradien
     name = path_name(path)
     return next((m for rx, m in rules if rx.fullmatch(name)), 1.0)
 
+  def init(params):
+    for rx, _ in rules:
+      require_match(params, rx, "optim lr_mult")
+    return optax.EmptyState()
+
   def update(updates, state, params=None):
     del params
     return jax.tree_util.tree_map_with_path(lambda p, u: u * mult(p), updates), state
-  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+  return optax.GradientTransformation(init, update)
 
 
 def _lr_mult_rules(value, collection: str) -> tuple[tuple[re.Pattern, float], ...]:

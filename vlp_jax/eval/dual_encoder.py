@@ -16,14 +16,30 @@ from vlp_jax.eval import retrieval as retrieval_lib
 SHOWN_PAIRS = 32  # the report's similarity heat-map size
 
 
-def contrast_accuracy(feats: dict) -> float | None:
-  """Percent of clips whose video is closer to its probe caption than to the altered one;
-  None without probes. `feats`: `video` [N,E], `probe` [N,2,E], `has_probe` bool [N]."""
+def probe_metrics(feats: dict) -> dict[str, float]:
+  """Metrics of the contrast probes, over the clips that have one ({} without probes).
+
+  `feats`: L2-normalised `video` [N,E], `probe` [N,2,E] (the clip's caption; the same caption
+  with the opposite motion), bool `has_probe` [N]; optionally `video_reversed` [N,E] (the
+  clip's frames in reverse order). Returns `contrast_acc` (percent of clips whose video is
+  closer to the first probe than to the second), `probe_cos` (mean cosine of the two probes)
+  and, with `video_reversed`, `reversal_cos` (mean cosine of a clip and its reversal). A
+  cosine near 1 says that tower does not tell the two directions apart: contrastive training
+  drives the text tower there when the video tower cannot (and vice versa).
+  """
   if "probe" not in feats or not bool(jnp.any(feats["has_probe"])):
-    return None
-  scores = jnp.einsum("be,bke->bk", feats["video"], feats["probe"])
-  right = (scores[:, 0] > scores[:, 1]) & feats["has_probe"]
-  return float(100.0 * jnp.sum(right) / jnp.sum(feats["has_probe"]))
+    return {}
+  has = feats["has_probe"]
+  n = jnp.sum(has)
+  mean = lambda x: float(jnp.sum(jnp.where(has, x, 0.0)) / n)
+  probe = feats["probe"].astype(jnp.float32)
+  scores = jnp.einsum("be,bke->bk", feats["video"].astype(jnp.float32), probe)
+  out = {"contrast_acc": 100.0 * mean((scores[:, 0] > scores[:, 1]).astype(jnp.float32)),
+         "probe_cos": mean(jnp.sum(probe[:, 0] * probe[:, 1], -1))}
+  if "video_reversed" in feats:
+    out["reversal_cos"] = mean(jnp.sum(feats["video"].astype(jnp.float32)
+                                       * feats["video_reversed"].astype(jnp.float32), -1))
+  return out
 
 
 def report_arrays(feats: dict, scan: dict) -> dict[str, np.ndarray]:
@@ -42,10 +58,12 @@ def evaluate(embed: Callable[[Any, dict], dict], params, batches, mesh, rules, *
 
   Args:
     embed: (params, batch) -> {"video": [B,E], "text": [B,E]} L2-normalised features, plus
-      `probe` [B,2,E] and `has_probe` [B] when the batch carries contrast probes.
+      `probe` [B,2,E] and `has_probe` [B] when the batch carries contrast probes (and
+      optionally `video_reversed` [B,E], see `probe_metrics`).
     block: texts per similarity block (`eval/blockwise.py`).
   Returns:
-    (metrics `retrieval/t2v_R@1`, ... and `retrieval/contrast_acc` with probes, arrays as
+    (metrics `retrieval/t2v_R@1`, ... and with probes `retrieval/contrast_acc`, `probe_cos`
+    (and `reversal_cos`), see `probe_metrics`; arrays as
     `report_arrays`: `similarity` of the first 32 pairs, `t2v_rank`, `v2t_rank`).
   """
   feats = features.collect(embed, params, batches, mesh, rules)
@@ -55,7 +73,5 @@ def evaluate(embed: Callable[[Any, dict], dict], params, batches, mesh, rules, *
   scan = blockwise.scan(feats["text"], feats["video"], gt, mesh, rules, block=block)
   metrics = retrieval_lib.metrics_from_ranks(scan["t2v"], scan["v2t"], scan["has_text"])
   out = {f"retrieval/{k}": v for k, v in metrics.items()}
-  acc = contrast_accuracy(feats)
-  if acc is not None:
-    out["retrieval/contrast_acc"] = acc
+  out.update({f"retrieval/{k}": v for k, v in probe_metrics(feats).items()})
   return out, report_arrays(feats, scan)

@@ -39,7 +39,7 @@ class RetrievalEvaluator:
   def _features(self, params, batch, tokens: bool) -> dict[str, jax.Array]:
     """float32 features `video`, `text` [B,E]; with `tokens` also `video_tokens` [B,1+N,D],
     `text_tokens` [B,L,D], `text_mask` [B,L]; with contrast probes in the batch `probe`
-    [B,2,E] and `has_probe` bool [B]."""
+    [B,2,E], `has_probe` bool [B] and `video_reversed` [B,E] (the clip played backwards)."""
     video = self._apply(params, ALPRO.encode_video, batch["video"])
     text = self._apply(params, ALPRO.encode_text, batch["text_ids"], batch["text_mask"])
     out = {"video": self._apply(params, ALPRO.video_feature, video),
@@ -52,6 +52,9 @@ class RetrievalEvaluator:
                           batch["probe_mask"].reshape(2 * b, length))
       out["probe"] = self._apply(params, ALPRO.text_feature, probe).reshape(b, 2, -1)
       out["has_probe"] = batch["has_probe"]
+      # The same frames in reverse order: `reversal_cos` (dual_encoder.probe_metrics).
+      reversed_video = self._apply(params, ALPRO.encode_video, batch["video"][:, ::-1])
+      out["video_reversed"] = self._apply(params, ALPRO.video_feature, reversed_video)
     return out
 
   @functools.cached_property
@@ -84,7 +87,8 @@ class RetrievalEvaluator:
       (metrics, arrays). metrics: the DESIGN keys (`retrieval/t2v_R@1`, ...; re-ranked when
       re-ranking is on, and then also the VTC-only ranks under `retrieval_vtc/...`), plus
       `retrieval/contrast_acc` (percent of clips whose video is closer to its probe caption
-      than to the altered one) when the split carries contrast probes. arrays (saved for
+      than to the altered one), `retrieval/probe_cos` and `retrieval/reversal_cos`
+      (`dual_encoder.probe_metrics`) when the split carries contrast probes. arrays (saved for
       `launch.report`): `similarity` float32 [n, n], the VTC similarities of the first
       n <= 32 (text, video) pairs; `t2v_rank`, `v2t_rank` int32, every query's VTC rank.
     """
@@ -92,8 +96,8 @@ class RetrievalEvaluator:
     k = int(eval_cfg.get("rerank_k", 0))
     if k > 0:
       rows, keep = features.collect_rows(self._embed_tokens, params, batches, mesh, rules)
-      feats = features.take({n: v for n, v in rows.items()
-                             if n in ("video", "text", "probe", "has_probe")}, keep, mesh)
+      wanted = ("video", "text", "probe", "has_probe", "video_reversed")
+      feats = features.take({n: v for n, v in rows.items() if n in wanted}, keep, mesh)
     else:
       feats = features.collect(self._embed, params, batches, mesh, rules)
     gt = np.arange(feats["text"].shape[0])
@@ -118,7 +122,5 @@ class RetrievalEvaluator:
       out.update({f"retrieval_vtc/{n}": v for n, v in vtc.items()})
     else:
       out = {f"retrieval/{n}": v for n, v in vtc.items()}
-    acc = dual_encoder.contrast_accuracy(feats)
-    if acc is not None:
-      out["retrieval/contrast_acc"] = acc
+    out.update({f"retrieval/{k}": v for k, v in dual_encoder.probe_metrics(feats).items()})
     return out, dual_encoder.report_arrays(feats, scan)
