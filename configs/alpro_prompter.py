@@ -12,7 +12,7 @@ WORKDIR/prompter by itself, so this file is for training the prompter separately
 for several pre-training runs). Model overrides given here must be repeated for the
 pre-training run, whose model has to match the prompter's encoders.
 
-Presets: `tiny` (10 steps, unit tests), `demo` (400 steps on the synthetic corpus, a few
+Presets: `tiny` (10 steps, unit tests), `demo` (2000 steps on the synthetic corpus, about 10
 minutes on 2 CPU cores), `base` (paper sizes).
 """
 from configs import alpro_pretrain
