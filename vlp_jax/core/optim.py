@@ -12,8 +12,8 @@ Settings of a collection (configs/alpro_pretrain.py has the defaults):
                                  and carry no optimizer state; ".*" freezes the collection
   lr_mult                        ((regex, multiplier), ...): the first matching rule scales
                                  that leaf's update (its learning rate, decay included)
-A `no_decay`, `frozen` or `lr_mult` regex that matches no leaf of the collection is an error
-when the optimizer state is created (a misspelt path would otherwise change nothing).
+A `no_decay`, `frozen` or `lr_mult` regex that matches no leaf of the collection logs a warning
+when the optimizer state is created (a misspelt path changes nothing).
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import re
 from typing import Any
 from collections.abc import Mapping
 
+from absl import logging
 import jax
 import optax
 
@@ -51,7 +52,7 @@ def decay_mask(params: Any, no_decay: str = "") -> Any:
   """
   rx = _compile(no_decay, "optim no_decay") if no_decay else None
   if rx is not None:
-    require_match(params, rx, "optim no_decay")
+    warn_unmatched(params, rx, "optim no_decay")
 
   def decayed(path, p):
     name = path_name(path)
@@ -73,23 +74,28 @@ def _compile(pattern: str, what: str) -> re.Pattern:
     raise ValueError(f"{what}: {pattern!r} is not a regular expression ({e})") from None
 
 
-def require_match(params: Any, rx: re.Pattern, what: str) -> None:
-  """Raises ValueError when `rx` fully matches no leaf path of `params`: a misspelt regex would
-  otherwise freeze, scale or exempt nothing without a word."""
+_WARNED: set[tuple[str, str]] = set()
+
+
+def warn_unmatched(params: Any, rx: re.Pattern, what: str) -> None:
+  """Logs a warning (once per regex) when `rx` fully matches no leaf path of `params`: a
+  misspelt regex would otherwise freeze, scale or exempt nothing without a word. Not an error:
+  a preset's rule may name a module that an override removed (e.g. `temporal=none`, or MAMA's
+  ALPRO-only parts with the CLIP backbone)."""
   names = [path_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
-  if not any(rx.fullmatch(n) for n in names):
-    raise ValueError(f"{what} {rx.pattern!r} matches no parameter (re.fullmatch on the "
-                     f"'/'-joined path; {len(names)} leaves, e.g. {names[:3]})")
+  if any(rx.fullmatch(n) for n in names) or (what, rx.pattern) in _WARNED:
+    return
+  _WARNED.add((what, rx.pattern))
+  logging.warning("%s %r matches no parameter, so it does nothing (re.fullmatch on the "
+                  "'/'-joined path; %d leaves, e.g. %s)", what, rx.pattern, len(names),
+                  names[:3])
 
 
 def freeze_labels(params: Any, pattern: str) -> Any:
-  """FROZEN / TRAINED per leaf of `params` by `re.fullmatch(pattern, path)`.
-
-  Raises:
-    ValueError: `pattern` matches no leaf.
-  """
+  """FROZEN / TRAINED per leaf of `params` by `re.fullmatch(pattern, path)` (a warning when
+  `pattern` matches no leaf)."""
   rx = _compile(pattern, "optim frozen")
-  require_match(params, rx, "optim frozen")
+  warn_unmatched(params, rx, "optim frozen")
   return jax.tree_util.tree_map_with_path(
       lambda p, _: FROZEN if rx.fullmatch(path_name(p)) else TRAINED, params)
 
@@ -102,7 +108,7 @@ def _scale_by_path(rules: tuple[tuple[re.Pattern, float], ...]) -> optax.Gradien
 
   def init(params):
     for rx, _ in rules:
-      require_match(params, rx, "optim lr_mult")
+      warn_unmatched(params, rx, "optim lr_mult")
     return optax.EmptyState()
 
   def update(updates, state, params=None):
