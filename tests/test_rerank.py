@@ -206,8 +206,8 @@ def _with_probes(batches, max_len, seed=3):
 
 @pytest.mark.parametrize("temporal", ["divided", "none"])
 def test_task_evaluate_probe_metrics_against_the_model_applied_directly(temporal):
-  """contrast_acc, probe_cos and reversal_cos over the valid clips with a probe; an encoder
-  without temporal attention gives a clip and its reversal the same feature (cosine 1)."""
+  """contrast_acc, probe_cos, clip_cos and reversal_cos over the valid clips with a probe; an
+  encoder without temporal attention gives a clip and its reversal the same feature (cosine 1)."""
   task, batches = _task_and_batches()
   # The demo's init: the temporal path is not zero at init.
   task.config.model.video.update(temporal=temporal, time_init_std=1.0,
@@ -235,12 +235,17 @@ def test_task_evaluate_probe_metrics_against_the_model_applied_directly(temporal
   assert got["retrieval/contrast_acc"] == pytest.approx(100 * np.mean(scores[:, 0] > scores[:, 1]))
   assert got["retrieval/probe_cos"] == pytest.approx(np.mean(np.sum(p[:, 0] * p[:, 1], -1)),
                                                      abs=1e-5)
+  c = v @ v.T
+  assert got["retrieval/clip_cos"] == pytest.approx((c.sum() - np.trace(c)) / (n * n - n),
+                                                    abs=1e-5)
   want = np.mean(np.sum(v * vr, -1))
   assert got["retrieval/reversal_cos"] == pytest.approx(want, abs=1e-5)
   if temporal == "none":
     assert want == pytest.approx(1.0, abs=1e-5)
   else:
     assert 1.0 - want > 5e-5  # small at init, but well above float32 error (none: < 1e-5)
-  # A split without probes (or none valid) reports none of the three.
+  # A split without probes (or none valid) reports none of them; one clip has no clip_cos.
+  one = np.arange(n) == 0
+  assert "clip_cos" not in dual_encoder.probe_metrics({"video": v, "probe": p, "has_probe": one})
   assert dual_encoder.probe_metrics({"video": v}) == {}
   assert dual_encoder.probe_metrics({"video": v, "probe": p, "has_probe": np.zeros(n, bool)}) == {}

@@ -22,10 +22,13 @@ def probe_metrics(feats: dict) -> dict[str, float]:
   `feats`: L2-normalised `video` [N,E], `probe` [N,2,E] (the clip's caption; the same caption
   with the opposite motion), bool `has_probe` [N]; optionally `video_reversed` [N,E] (the
   clip's frames in reverse order). Returns `contrast_acc` (percent of clips whose video is
-  closer to the first probe than to the second), `probe_cos` (mean cosine of the two probes)
-  and, with `video_reversed`, `reversal_cos` (mean cosine of a clip and its reversal). A
-  cosine near 1 says that tower does not tell the two directions apart: contrastive training
-  drives the text tower there when the video tower cannot (and vice versa).
+  closer to the first probe than to the second), `probe_cos` (mean cosine of the two probes),
+  `clip_cos` (mean cosine of two different clips, with 2+ clips) and, with `video_reversed`,
+  `reversal_cos` (mean cosine of a clip and its reversal). A cosine near 1 says that tower
+  does not tell the two directions apart: contrastive training drives the text tower there
+  when the video tower cannot (and vice versa). How near is relative to `clip_cos`:
+  (1 - reversal_cos) / (1 - clip_cos) is the video tower's order sensitivity against the
+  spread of its features over clips.
   """
   if "probe" not in feats or not bool(jnp.any(feats["has_probe"])):
     return {}
@@ -36,6 +39,12 @@ def probe_metrics(feats: dict) -> dict[str, float]:
   scores = jnp.einsum("be,bke->bk", feats["video"].astype(jnp.float32), probe)
   out = {"contrast_acc": 100.0 * mean((scores[:, 0] > scores[:, 1]).astype(jnp.float32)),
          "probe_cos": mean(jnp.sum(probe[:, 0] * probe[:, 1], -1))}
+  if int(n) >= 2:
+    # Sum over ordered pairs i != j of v_i . v_j = |sum v|^2 - sum |v_i|^2: no [N, N] matrix.
+    v = jnp.where(has[:, None], feats["video"].astype(jnp.float32), 0.0)
+    total = jnp.sum(v, 0)
+    pairs = jnp.sum(total * total) - jnp.sum(v * v)
+    out["clip_cos"] = float(pairs / (n * (n - 1)))
   if "video_reversed" in feats:
     out["reversal_cos"] = mean(jnp.sum(feats["video"].astype(jnp.float32)
                                        * feats["video_reversed"].astype(jnp.float32), -1))

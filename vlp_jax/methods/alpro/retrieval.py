@@ -87,10 +87,11 @@ class RetrievalEvaluator:
       (metrics, arrays). metrics: the DESIGN keys (`retrieval/t2v_R@1`, ...; re-ranked when
       re-ranking is on, and then also the VTC-only ranks under `retrieval_vtc/...`), plus
       `retrieval/contrast_acc` (percent of clips whose video is closer to its probe caption
-      than to the altered one), `retrieval/probe_cos` and `retrieval/reversal_cos`
-      (`dual_encoder.probe_metrics`) when the split carries contrast probes. arrays (saved for
-      `launch.report`): `similarity` float32 [n, n], the VTC similarities of the first
-      n <= 32 (text, video) pairs; `t2v_rank`, `v2t_rank` int32, every query's VTC rank.
+      than to the altered one), `retrieval/probe_cos`, `retrieval/clip_cos` and
+      `retrieval/reversal_cos` (`dual_encoder.probe_metrics`) when the split carries
+      contrast probes. arrays (saved for `launch.report`): `similarity` float32 [n, n], the
+      VTC similarities of the first n <= 32 (text, video) pairs; `t2v_rank`, `v2t_rank`
+      int32, every query's VTC rank.
     """
     params = params["model"]
     k = int(eval_cfg.get("rerank_k", 0))
