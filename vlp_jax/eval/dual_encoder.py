@@ -71,8 +71,8 @@ def evaluate(embed: Callable[[Any, dict], dict], params, batches, mesh, rules, *
       optionally `video_reversed` [B,E], see `probe_metrics`).
     block: texts per similarity block (`eval/blockwise.py`).
   Returns:
-    (metrics `retrieval/t2v_R@1`, ... and with probes `retrieval/contrast_acc`, `probe_cos`
-    (and `reversal_cos`), see `probe_metrics`; arrays as
+    (metrics `retrieval/t2v_R@1`, ... and with probes `retrieval/contrast_acc`, `probe_cos`,
+    `clip_cos` (and `reversal_cos`), see `probe_metrics`; arrays as
     `report_arrays`: `similarity` of the first 32 pairs, `t2v_rank`, `v2t_rank`).
   """
   feats = features.collect(embed, params, batches, mesh, rules)
