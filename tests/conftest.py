@@ -22,3 +22,24 @@ import tempfile  # noqa: E402
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), "vlp_jax_test_compile_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+
+_EXIT_STATUS = []
+
+
+def pytest_sessionfinish(session, exitstatus):
+  _EXIT_STATUS.append(int(exitstatus))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+  # tf.data iterators that tests leave alive are destroyed at interpreter shutdown, where one can
+  # wait forever on a pipeline thread (seen once after a full run): once pytest has reported,
+  # leave without running those destructors, keeping pytest's exit status.
+  if _EXIT_STATUS:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(_EXIT_STATUS[-1])
