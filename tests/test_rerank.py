@@ -200,6 +200,7 @@ def _with_probes(batches, max_len, seed=3):
     b["probe_ids"] = rng.integers(5, 40, size=(n, 2, max_len)).astype(np.int32)
     b["probe_mask"] = np.ones((n, 2, max_len), np.int32)
     b["has_probe"] = b["valid"] & (np.arange(n) % 3 != 0)  # some clips have no probe
+    b["label"] = rng.integers(-1, 3, size=n).astype(np.int32)  # -1: a clip without a class
     out.append(b)
   return out
 
@@ -244,6 +245,30 @@ def test_task_evaluate_probe_metrics_against_the_model_applied_directly(temporal
     assert want == pytest.approx(1.0, abs=1e-5)
   else:
     assert 1.0 - want > 5e-5  # small at init, but well above float32 error (none: < 1e-5)
+  # Per class of the probe clips (no class list here: keyed by the label index).
+  label = cat("label")
+  classes = sorted(set(label[label >= 0].tolist()))
+  assert len(classes) >= 2
+  for c in classes:
+    rows = label == c
+    assert got[f"retrieval/contrast_acc/{c}"] == pytest.approx(
+        100 * np.mean(scores[rows, 0] > scores[rows, 1]))
+    assert got[f"retrieval/probe_cos/{c}"] == pytest.approx(
+        np.mean(np.sum(p[rows, 0] * p[rows, 1], -1)), abs=1e-5)
+    assert got[f"retrieval/reversal_cos/{c}"] == pytest.approx(
+        np.mean(np.sum(v[rows] * vr[rows], -1)), abs=1e-5)
+  assert not any(k.endswith("/-1") for k in got)
+  # With a class list the keys are the names, spaces as "_"; a label past the list fails.
+  names = ["moving left", "moving right", "grows"]
+  named = dual_encoder.probe_metrics({"video": v, "probe": p, "has_probe": np.ones(n, bool),
+                                      "label": label}, lambda: names)
+  for c in classes:
+    key = names[c].replace(" ", "_")
+    assert named[f"contrast_acc/{key}"] == pytest.approx(got[f"retrieval/contrast_acc/{c}"])
+    assert f"contrast_acc/{c}" not in named
+  with pytest.raises(ValueError, match=f"label {max(classes)}, but the class list has"):
+    dual_encoder.probe_metrics({"video": v, "probe": p, "has_probe": np.ones(n, bool),
+                                "label": label}, lambda: names[:max(classes)])
   # A split without probes (or none valid) reports none of them; one clip has no clip_cos.
   one = np.arange(n) == 0
   assert "clip_cos" not in dual_encoder.probe_metrics({"video": v, "probe": p, "has_probe": one})

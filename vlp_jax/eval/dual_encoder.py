@@ -16,7 +16,8 @@ from vlp_jax.eval import retrieval as retrieval_lib
 SHOWN_PAIRS = 32  # the report's similarity heat-map size
 
 
-def probe_metrics(feats: dict) -> dict[str, float]:
+def probe_metrics(feats: dict, class_names: Callable[[], list[str] | None] | None = None
+                  ) -> dict[str, float]:
   """Metrics of the contrast probes, over the clips that have one ({} without probes).
 
   `feats`: L2-normalised `video` [N,E], `probe` [N,2,E] (the clip's caption; the same caption
@@ -29,6 +30,13 @@ def probe_metrics(feats: dict) -> dict[str, float]:
   when the video tower cannot (and vice versa). How near is relative to `clip_cos`:
   (1 - reversal_cos) / (1 - clip_cos) is the video tower's order sensitivity against the
   spread of its features over clips.
+
+  With an int32 `label` [N] (the clip's class, -1 = none) the same metrics also come per
+  class, over the probe clips of that class: `contrast_acc/<class>`, `probe_cos/<class>` and
+  `reversal_cos/<class>`, where <class> is `class_names()[label]` with spaces as "_"
+  (`class_names` is called only when some probe clip has a label; without names, the label
+  index). Contrastive training can learn one motion's direction and leave another's at
+  chance, which the overall figure hides.
   """
   if "probe" not in feats or not bool(jnp.any(feats["has_probe"])):
     return {}
@@ -48,6 +56,33 @@ def probe_metrics(feats: dict) -> dict[str, float]:
   if "video_reversed" in feats:
     out["reversal_cos"] = mean(jnp.sum(feats["video"].astype(jnp.float32)
                                        * feats["video_reversed"].astype(jnp.float32), -1))
+  if "label" in feats:
+    out.update(_per_class(feats, scores, probe, class_names))
+  return out
+
+
+def _per_class(feats: dict, scores, probe, class_names) -> dict[str, float]:
+  """`contrast_acc/<class>`, `probe_cos/<class>` (and `reversal_cos/<class>`), see
+  `probe_metrics`."""
+  label = np.asarray(jax.device_get(feats["label"])).astype(np.int64)
+  has = np.asarray(jax.device_get(feats["has_probe"])).astype(bool)
+  classes = np.unique(label[has & (label >= 0)])
+  if classes.size == 0:
+    return {}
+  names = class_names() if class_names is not None else None
+  per_clip = {"contrast_acc": 100.0 * (scores[:, 0] > scores[:, 1]).astype(jnp.float32),
+              "probe_cos": jnp.sum(probe[:, 0] * probe[:, 1], -1)}
+  if "video_reversed" in feats:
+    per_clip["reversal_cos"] = jnp.sum(feats["video"].astype(jnp.float32)
+                                       * feats["video_reversed"].astype(jnp.float32), -1)
+  per_clip = {k: np.asarray(jax.device_get(v), np.float64) for k, v in per_clip.items()}
+  out = {}
+  for c in classes:
+    if names is not None and c >= len(names):
+      raise ValueError(f"a probe clip has label {c}, but the class list has {len(names)} names")
+    name = str(c) if names is None else names[c].replace(" ", "_")
+    rows = has & (label == c)
+    out.update({f"{k}/{name}": float(np.mean(v[rows])) for k, v in per_clip.items()})
   return out
 
 

@@ -14,6 +14,7 @@ import functools
 import os
 from typing import Any
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,6 +23,7 @@ from vlp_jax import losses
 from vlp_jax.convert import hf
 from vlp_jax.core import checkpoint as ckpt_lib
 from vlp_jax.core import task as task_lib
+from vlp_jax.data import classes as classes_lib
 from vlp_jax.data import entities as entities_lib
 from vlp_jax.data.mixture import IS_IMAGE
 from vlp_jax.methods.alpro import flops
@@ -307,7 +309,19 @@ class ALPROTask(task_lib.Task):
   @functools.cached_property
   def _evaluators(self) -> dict[str, task_lib.Evaluator]:
     return {"retrieval": retrieval.RetrievalEvaluator(self.model,
-                                                      int(self.config.eval_batch_size))}
+                                                      int(self.config.eval_batch_size),
+                                                      self._class_names)}
+
+  def _class_names(self) -> list[str] | None:
+    """The data's class names (`data.classes`, "" = DATA_DIR/classes.txt), for the per-class
+    contrast-probe metrics; None (metrics keyed by label index) when the data has no list."""
+    try:
+      return classes_lib.class_names(str(self.config.data.get("classes", "")),
+                                     self.config.data.get("dir") or None,
+                                     write=jax.process_index() == 0)
+    except (FileNotFoundError, ValueError) as e:
+      logging.warning("per-class probe metrics keyed by label index: %s", e)
+      return None
 
   def evaluators(self) -> dict[str, task_lib.Evaluator]:
     """`retrieval`: VTC ranks, VTM re-ranking (`rerank_k`), contrast probes."""

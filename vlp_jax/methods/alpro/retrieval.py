@@ -9,6 +9,7 @@ the VTC-only ones. Ranks and candidates come block by block (eval/blockwise.py),
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -27,11 +28,15 @@ class RetrievalEvaluator:
   Args:
     model: the ALPRO module whose `model` collection is evaluated.
     pairs_per_call: about how many fused pairs one VTM re-ranking call scores.
+    class_names: () -> the data's class names (or None), for the per-class contrast-probe
+      metrics (`dual_encoder.probe_metrics`); called only when probe clips carry labels.
   """
 
-  def __init__(self, model: ALPRO, pairs_per_call: int):
+  def __init__(self, model: ALPRO, pairs_per_call: int,
+               class_names: Callable[[], list[str] | None] | None = None):
     self.model = model
     self.pairs_per_call = int(pairs_per_call)
+    self.class_names = class_names
 
   def _apply(self, params, method, *args):
     return self.model.apply({"params": params}, *args, method=method)
@@ -39,7 +44,8 @@ class RetrievalEvaluator:
   def _features(self, params, batch, tokens: bool) -> dict[str, jax.Array]:
     """float32 features `video`, `text` [B,E]; with `tokens` also `video_tokens` [B,1+N,D],
     `text_tokens` [B,L,D], `text_mask` [B,L]; with contrast probes in the batch `probe`
-    [B,2,E], `has_probe` bool [B] and `video_reversed` [B,E] (the clip played backwards)."""
+    [B,2,E], `has_probe` bool [B], `video_reversed` [B,E] (the clip played backwards) and
+    `label` int32 [B] (the clip's class, -1 = none) when the batch has one."""
     video = self._apply(params, ALPRO.encode_video, batch["video"])
     text = self._apply(params, ALPRO.encode_text, batch["text_ids"], batch["text_mask"])
     out = {"video": self._apply(params, ALPRO.video_feature, video),
@@ -55,6 +61,8 @@ class RetrievalEvaluator:
       # The same frames in reverse order: `reversal_cos` (dual_encoder.probe_metrics).
       reversed_video = self._apply(params, ALPRO.encode_video, batch["video"][:, ::-1])
       out["video_reversed"] = self._apply(params, ALPRO.video_feature, reversed_video)
+      if "label" in batch:  # per-class probe metrics
+        out["label"] = batch["label"]
     return out
 
   @functools.cached_property
@@ -88,8 +96,9 @@ class RetrievalEvaluator:
       re-ranking is on, and then also the VTC-only ranks under `retrieval_vtc/...`), plus
       `retrieval/contrast_acc` (percent of clips whose video is closer to its probe caption
       than to the altered one), `retrieval/probe_cos`, `retrieval/clip_cos` and
-      `retrieval/reversal_cos` (`dual_encoder.probe_metrics`) when the split carries
-      contrast probes. arrays (saved for `launch.report`): `similarity` float32 [n, n], the
+      `retrieval/reversal_cos`, and the same per class of the probe clips
+      (`retrieval/contrast_acc/<class>`, ...; `dual_encoder.probe_metrics`) when the split
+      carries contrast probes. arrays (saved for `launch.report`): `similarity` float32 [n, n], the
       VTC similarities of the first n <= 32 (text, video) pairs; `t2v_rank`, `v2t_rank`
       int32, every query's VTC rank.
     """
@@ -97,7 +106,7 @@ class RetrievalEvaluator:
     k = int(eval_cfg.get("rerank_k", 0))
     if k > 0:
       rows, keep = features.collect_rows(self._embed_tokens, params, batches, mesh, rules)
-      wanted = ("video", "text", "probe", "has_probe", "video_reversed")
+      wanted = ("video", "text", "probe", "has_probe", "video_reversed", "label")
       feats = features.take({n: v for n, v in rows.items() if n in wanted}, keep, mesh)
     else:
       feats = features.collect(self._embed, params, batches, mesh, rules)
@@ -123,5 +132,6 @@ class RetrievalEvaluator:
       out.update({f"retrieval_vtc/{n}": v for n, v in vtc.items()})
     else:
       out = {f"retrieval/{n}": v for n, v in vtc.items()}
-    out.update({f"retrieval/{k}": v for k, v in dual_encoder.probe_metrics(feats).items()})
+    out.update({f"retrieval/{k}": v
+                for k, v in dual_encoder.probe_metrics(feats, self.class_names).items()})
     return out, dual_encoder.report_arrays(feats, scan)
