@@ -310,8 +310,9 @@ class ALPROTask(task_lib.Task):
   def _evaluators(self) -> dict[str, task_lib.Evaluator]:
     return {"retrieval": retrieval.RetrievalEvaluator(self.model,
                                                       int(self.config.eval_batch_size),
-                                                      self._class_names)}
+                                                      lambda: self._class_names)}
 
+  @functools.cached_property
   def _class_names(self) -> list[str] | None:
     """The data's class names (`data.classes`, "" = DATA_DIR/classes.txt), for the per-class
     contrast-probe metrics; None (metrics keyed by label index) when the data has no list."""
