@@ -274,3 +274,23 @@ def test_task_evaluate_probe_metrics_against_the_model_applied_directly(temporal
   assert "clip_cos" not in dual_encoder.probe_metrics({"video": v, "probe": p, "has_probe": one})
   assert dual_encoder.probe_metrics({"video": v}) == {}
   assert dual_encoder.probe_metrics({"video": v, "probe": p, "has_probe": np.zeros(n, bool)}) == {}
+
+
+def test_task_class_names_for_probe_metrics(tmp_path):
+  """The per-class keys use data.classes (or DATA_DIR/classes.txt); without a list, the label
+  index; a malformed list fails rather than being ignored."""
+  c = alpro_retrieval.get_config("tiny")
+
+  def names(**data):
+    cfg = c.copy_and_resolve_references()
+    cfg.data.update(data)
+    return ALPROTask(cfg, TextInfo(None, 40))._class_names
+
+  assert names(classes="", dir="") is None
+  assert names(classes="", dir=str(tmp_path)) is None  # no classes.txt there
+  (tmp_path / "classes.txt").write_text("moving left\nmoving right\n")
+  assert names(classes="", dir=str(tmp_path)) == ["moving left", "moving right"]
+  bad = tmp_path / "bad.txt"
+  bad.write_text("a\n\nb\n")
+  with pytest.raises(ValueError, match="blank line"):
+    names(classes=str(bad))

@@ -42,39 +42,35 @@ def probe_metrics(feats: dict, class_names: Callable[[], list[str] | None] | Non
     return {}
   has = feats["has_probe"]
   n = jnp.sum(has)
-  mean = lambda x: float(jnp.sum(jnp.where(has, x, 0.0)) / n)
   probe = feats["probe"].astype(jnp.float32)
-  scores = jnp.einsum("be,bke->bk", feats["video"].astype(jnp.float32), probe)
-  out = {"contrast_acc": 100.0 * mean((scores[:, 0] > scores[:, 1]).astype(jnp.float32)),
-         "probe_cos": mean(jnp.sum(probe[:, 0] * probe[:, 1], -1))}
+  video = feats["video"].astype(jnp.float32)
+  scores = jnp.einsum("be,bke->bk", video, probe)
+  # Per clip [N]; the split's figures are their means over the probe clips.
+  per_clip = {"contrast_acc": 100.0 * (scores[:, 0] > scores[:, 1]).astype(jnp.float32),
+              "probe_cos": jnp.sum(probe[:, 0] * probe[:, 1], -1)}
+  if "video_reversed" in feats:
+    per_clip["reversal_cos"] = jnp.sum(video * feats["video_reversed"].astype(jnp.float32), -1)
+  out = {k: float(jnp.sum(jnp.where(has, x, 0.0)) / n) for k, x in per_clip.items()}
   if int(n) >= 2:
     # Sum over ordered pairs i != j of v_i . v_j = |sum v|^2 - sum |v_i|^2: no [N, N] matrix.
-    v = jnp.where(has[:, None], feats["video"].astype(jnp.float32), 0.0)
+    v = jnp.where(has[:, None], video, 0.0)
     total = jnp.sum(v, 0)
     pairs = jnp.sum(total * total) - jnp.sum(v * v)
     out["clip_cos"] = float(pairs / (n * (n - 1)))
-  if "video_reversed" in feats:
-    out["reversal_cos"] = mean(jnp.sum(feats["video"].astype(jnp.float32)
-                                       * feats["video_reversed"].astype(jnp.float32), -1))
   if "label" in feats:
-    out.update(_per_class(feats, scores, probe, class_names))
+    out.update(_per_class(per_clip, has, feats["label"], class_names))
   return out
 
 
-def _per_class(feats: dict, scores, probe, class_names) -> dict[str, float]:
-  """`contrast_acc/<class>`, `probe_cos/<class>` (and `reversal_cos/<class>`), see
-  `probe_metrics`."""
-  label = np.asarray(jax.device_get(feats["label"])).astype(np.int64)
-  has = np.asarray(jax.device_get(feats["has_probe"])).astype(bool)
+def _per_class(per_clip: dict, has, label, class_names) -> dict[str, float]:
+  """`<metric>/<class>`: the mean of each per-clip metric [N] over the probe clips (`has`
+  [N] bool) of each class in `label` [N] int (-1 = none); see `probe_metrics`."""
+  label = np.asarray(jax.device_get(label)).astype(np.int64)
+  has = np.asarray(jax.device_get(has)).astype(bool)
   classes = np.unique(label[has & (label >= 0)])
   if classes.size == 0:
     return {}
   names = class_names() if class_names is not None else None
-  per_clip = {"contrast_acc": 100.0 * (scores[:, 0] > scores[:, 1]).astype(jnp.float32),
-              "probe_cos": jnp.sum(probe[:, 0] * probe[:, 1], -1)}
-  if "video_reversed" in feats:
-    per_clip["reversal_cos"] = jnp.sum(feats["video"].astype(jnp.float32)
-                                       * feats["video_reversed"].astype(jnp.float32), -1)
   per_clip = {k: np.asarray(jax.device_get(v), np.float64) for k, v in per_clip.items()}
   out = {}
   for c in classes:

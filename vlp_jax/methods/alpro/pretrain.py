@@ -315,12 +315,14 @@ class ALPROTask(task_lib.Task):
   @functools.cached_property
   def _class_names(self) -> list[str] | None:
     """The data's class names (`data.classes`, "" = DATA_DIR/classes.txt), for the per-class
-    contrast-probe metrics; None (metrics keyed by label index) when the data has no list."""
+    contrast-probe metrics; None (metrics keyed by label index) when the data has no list.
+    A malformed list fails (`classes.read_class_names`)."""
+    path, data_dir = str(self.config.data.get("classes", "")), self.config.data.get("dir")
     try:
-      return classes_lib.class_names(str(self.config.data.get("classes", "")),
-                                     self.config.data.get("dir") or None,
-                                     write=jax.process_index() == 0)
-    except (FileNotFoundError, ValueError) as e:
+      if not path and not data_dir:
+        raise FileNotFoundError("data.classes is empty and there is no data directory")
+      return classes_lib.class_names(path, data_dir, write=jax.process_index() == 0)
+    except FileNotFoundError as e:
       logging.warning("per-class probe metrics keyed by label index: %s", e)
       return None
 
