@@ -1,7 +1,8 @@
 """Can the config's video encoder learn the direction of motion? A supervised probe.
 
   python -m launch.motion_probe --config=configs/alpro_pretrain.py:demo --steps=400 \
-      --seeds=0,1,2 [--tasks=motion+appearance] [--config.model.video.time_init_std=1.0 ...]
+      --seeds=0,1,2 [--tasks=motion+appearance] [--save=DIR] \
+      [--config.model.video.time_init_std=1.0 ...]
 
 Trains a fresh TimeSformer of `model.video` (sizes and init stds) with linear heads on
 synthetic clips labelled by their first shape's motion (left, right, up, down, grows,
@@ -9,8 +10,12 @@ shrinks; chance 16.7 %, and 50 % for a model that sees the axis of a motion but 
 direction), at `data.num_frames` x `data.image_size`, batch `batch_size`, peak learning rate
 `optim.model.lr` (`vlp_jax/eval/motion_probe.py`). Prints one JSON line per seed, then a
 summary line: final test accuracy mean ± std (sample std) over the seeds, on the clips and
-on the same clips played backwards.
+on the same clips played backwards. `--save=DIR` writes each seed's trained encoder as a
+`transformers` TimesformerModel checkpoint in DIR/seed_<seed>, for
+`--config.init.video=hf:DIR/seed_<seed>` (a video tower pre-trained on labelled clips).
 """
+import os
+
 import json
 
 import numpy as np
@@ -23,7 +28,10 @@ common.define_config_flag()
 flags.DEFINE_integer("steps", 400, "Training steps per seed.")
 flags.DEFINE_string("seeds", "0,1,2", "Comma-separated seeds (init and batch order).")
 flags.DEFINE_string("tasks", "motion", "motion | motion+appearance (adds colour and shape "
-                    "heads, as pre-training asks for more than motion).")
+                    "heads, as pre-training asks for more than motion) | appearance (colour "
+                    "and shape heads only).")
+flags.DEFINE_string("save", "", "Directory: write each seed's trained encoder to "
+                    "DIR/seed_<seed> as a transformers TimesformerModel checkpoint.")
 flags.DEFINE_integer("num_clips", 3072, "Clips rendered; the last quarter (at most 512) "
                      "are the test set.")
 
@@ -53,6 +61,9 @@ def main(argv):
     for seed in seeds:
       res = motion_probe.run(video_cfg, data, steps=FLAGS.steps, batch_size=int(c.batch_size),
                              lr=float(c.optim.model.lr), seed=seed, tasks=FLAGS.tasks)
+      encoder = res.pop("encoder")
+      if FLAGS.save:
+        motion_probe.save_encoder(encoder, video_cfg, os.path.join(FLAGS.save, f"seed_{seed}"))
       print(json.dumps(dict(seed=seed, **res)), flush=True)
       finals.append((res["motion_acc"][-1], res["reversed_acc"][-1]))
   except ValueError as e:

@@ -4,12 +4,15 @@ import os
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import alpro_pretrain
+from vlp_jax.convert import timesformer as tsf_conv
 from vlp_jax.eval import motion_probe
 from vlp_jax.models.alpro import alpro_config
+from vlp_jax.models.timesformer import TimesformerModel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -48,7 +51,7 @@ def _video_cfg(**kw):
   return alpro_config(c.model, 1).video
 
 
-def test_an_order_blind_encoder_cannot_pass_both_directions(clips):
+def test_an_order_blind_encoder_cannot_pass_both_directions(clips, tmp_path):
   """Without temporal modelling a clip and its reversal get the same prediction, so at most
   one of (clip, label) and (reversed clip, opposite label) is right: the two accuracies sum
   to at most 100. With divided attention they need not."""
@@ -60,6 +63,16 @@ def test_an_order_blind_encoder_cannot_pass_both_directions(clips):
   both = motion_probe.run(_video_cfg(), clips, steps=4, batch_size=8, lr=3e-3, seed=0,
                           num_test=32, evals=1, tasks="motion+appearance")
   assert both["steps"] == [4] and np.isfinite(both["loss"]).all()
+  # Colour and shape heads only: the encoder it returns, saved as a TimesformerModel
+  # checkpoint, imports back to the same features.
+  app = motion_probe.run(_video_cfg(), clips, steps=3, batch_size=8, lr=3e-3, seed=1,
+                         num_test=32, evals=1, tasks="appearance")
+  assert app["steps"] == [3] and np.isfinite(app["loss"]).all()
+  motion_probe.save_encoder(app["encoder"], _video_cfg(), str(tmp_path / "enc"))
+  module, params = tsf_conv.import_timesformer(str(tmp_path / "enc"))
+  x = jnp.asarray(clips["video"][:2], jnp.float32) / 255.0
+  want = TimesformerModel(_video_cfg(), pool=False).apply({"params": app["encoder"]}, x)
+  np.testing.assert_allclose(module.apply({"params": params}, x), want, rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match="tasks"):
     motion_probe.run(_video_cfg(), clips, steps=1, batch_size=8, lr=1e-3, seed=0, tasks="x")
   with pytest.raises(ValueError, match="temporal_dense_init_std"):
@@ -68,9 +81,10 @@ def test_an_order_blind_encoder_cannot_pass_both_directions(clips):
     motion_probe.run(_video_cfg(), clips, steps=1, batch_size=8, lr=1e-3, seed=0, num_test=72)
 
 
-def test_launch_motion_probe_prints_a_summary():
+def test_launch_motion_probe_prints_a_summary(tmp_path):
   cmd = [sys.executable, "-m", "launch.motion_probe", "--config=configs/alpro_pretrain.py:tiny",
-         "--steps=2", "--seeds=0,1", "--num_clips=40", "--config.batch_size=4"]
+         "--steps=2", "--seeds=0,1", "--num_clips=40", "--config.batch_size=4",
+         f"--save={tmp_path}"]
   res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert res.returncode == 0, res.stderr[-2000:]
   lines = [json.loads(x) for x in res.stdout.strip().splitlines() if x.startswith("{")]
@@ -79,6 +93,8 @@ def test_launch_motion_probe_prints_a_summary():
   finals = [x["motion_acc"][-1] for x in lines[:-1]]
   assert summary["motion_acc_mean"] == pytest.approx(np.mean(finals), abs=0.01)
   assert summary["motion_acc_std"] == pytest.approx(np.std(finals, ddof=1), abs=0.01)
+  assert sorted(os.listdir(tmp_path)) == ["seed_0", "seed_1"]
+  assert sorted(os.listdir(tmp_path / "seed_0")) == ["config.json", "model.safetensors"]
   bad = subprocess.run(cmd[:4] + ["--seeds=a"], cwd=ROOT, capture_output=True, text=True,
                        timeout=300)
   assert bad.returncode != 0 and "--seeds" in bad.stderr

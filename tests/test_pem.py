@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
 from configs import alpro_pretrain, alpro_prompter
 from helpers import tiny_config, train
@@ -16,8 +17,10 @@ from vlp_jax.core import init as init_lib
 from vlp_jax.core.metrics import read_metrics
 from vlp_jax.core.trainer import Trainer
 from vlp_jax.data.setup import TextInfo
+from vlp_jax.eval import motion_probe
 from vlp_jax.methods.alpro import pretrain as task_lib
 from vlp_jax.models import alpro as alpro_lib
+from vlp_jax.models.timesformer import TimesformerModel
 
 
 # ------------------------------------------------------------------ numpy references
@@ -317,6 +320,29 @@ def test_warm_start_begins_pretraining_from_the_prompter(tmp_path, data_dir, pre
   # The VTM and MLM heads the prompter never trained: the prompter's untrained values
   # (same names and shapes); the run still starts at step 0 with a fresh optimiser.
   assert int(jax.device_get(run.state.step)) == 0
+  # A video tower imported with init.video: the prompter started from it, so the warm start
+  # keeps the prompter's trained tower; without the warm start the import is applied.
+  video_cfg = alpro_lib.alpro_config(c.model, 1).video
+  encoder = jax.device_get(nn.unbox(TimesformerModel(video_cfg).init(
+      jax.random.PRNGKey(7), jnp.zeros((1, video_cfg.num_frames, video_cfg.image_size,
+                                        video_cfg.image_size, 3))))["params"])
+  motion_probe.save_encoder(encoder, video_cfg, str(tmp_path / "encoder"))
+  c.init.video = f"hf:{tmp_path / 'encoder'}"
+  run = Trainer(c, str(tmp_path / "run_video")).build()
+  assert run.apply_init()
+  got = jax.device_get(run.state.params["model"]["video_encoder"])
+  run.checkpointer.close()
+  for a, b in zip(jax.tree.leaves(want["video_encoder"]), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(a, b)
+  c.pem.warm_start = False
+  run = Trainer(c, str(tmp_path / "run_video_only")).build()
+  assert run.apply_init()
+  got = jax.device_get(run.state.params["model"]["video_encoder"])
+  run.checkpointer.close()
+  np.testing.assert_allclose(got["embeddings"]["time_embeddings"],
+                             encoder["embeddings"]["time_embeddings"], rtol=1e-6)
+  np.testing.assert_allclose(got["layernorm"]["scale"], encoder["layernorm"]["scale"], rtol=1e-6)
+  c.pem.warm_start, c.init.video = True, ""
   c.pem.prompter = str(tmp_path / "none")
   run = Trainer(c, str(tmp_path / "run2")).build()
   with pytest.raises(FileNotFoundError, match="pem.warm_start: no prompter checkpoint"):

@@ -126,7 +126,8 @@ class Task(abc.ABC):
   def warm_start(self, workdir: str) -> str:
     """Another run's WORKDIR whose params start this run when `config.init.checkpoint` is ""
     (e.g. ALPRO's prompter stage with `pem.warm_start`); "" = a fresh init. Read once, when
-    the run starts without a checkpoint of its own, after every stage has finished."""
+    the run starts without a checkpoint of its own, after every stage has finished. Its params
+    also take the place of `config.init`'s transformers imports, which that run started from."""
     del workdir
     return ""
 

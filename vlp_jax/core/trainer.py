@@ -199,6 +199,14 @@ class Trainer:
       init = copy.deepcopy(init) if init is not None else ml_collections.ConfigDict()
       with init.unlocked():
         init.checkpoint = warm
+        # The warm run started from these imports and trained on; importing them again would
+        # overwrite what it learnt.
+        skipped = [k for k in self.task.pretrained_keys if init.get(k, "")]
+        for k in skipped:
+          init[k] = ""
+      if skipped:
+        logging.info("warm start from %s: init.%s not imported again (that run started from "
+                     "it)", warm, ", init.".join(skipped))
     if not init_lib.requested(init):
       logging.info("config.init names nothing: starting from a fresh init")
       return False

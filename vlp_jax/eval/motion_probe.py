@@ -6,7 +6,12 @@ down, grows or shrinks (6 classes). Three of the pairs are each other played bac
 model blind to frame order cannot pass 50 %: it can tell the axis of a motion (its trail
 looks the same either way) but not the direction. `tasks="motion+appearance"` adds the
 shape's colour and shape as two more heads with equal weight, as in pre-training, where
-motion is one of several things the encoder must learn at once.
+motion is one of several things the encoder must learn at once. `tasks="appearance"` trains the
+colour and shape heads alone (the motion head is only evaluated): an encoder pre-trained on what
+a frame shows, as ImageNet weights are for real video models.
+
+`save_encoder` writes a trained encoder as a `transformers` TimesformerModel checkpoint, which
+`config.init.video=hf:DIR` loads into ALPRO: a video tower pre-trained on labelled clips.
 
 Used to tell apart "the encoder cannot learn direction (in this budget)" from "the
 pre-training objective does not ask for it" (`launch.motion_probe`).
@@ -24,12 +29,14 @@ import numpy as np
 import optax
 from PIL import Image
 
+from vlp_jax.convert import hf_io
+from vlp_jax.convert import timesformer as tsf_conv
 from vlp_jax.data import synthetic
 from vlp_jax.data.pipeline import CLIP_MEAN, CLIP_STD
 from vlp_jax.models.timesformer import TimesformerModel
 
 MOTIONS = ("left", "right", "up", "down", "grows", "shrinks")  # i ^ 1 = the reversed motion
-TASKS = ("motion", "motion+appearance")
+TASKS = ("motion", "motion+appearance", "appearance")
 
 
 def render(num_clips: int, *, seed: int, stored_frames: int, stored_size: int, num_frames: int,
@@ -82,12 +89,13 @@ def run(video_cfg, data: dict[str, np.ndarray], *, steps: int, batch_size: int, 
     video_cfg: a `VideoConfig` (sizes and fresh-init stds of the encoder).
     data: `render`'s arrays; the last `num_test` clips are held out (None: a quarter of
       them, at most 512).
-    tasks: "motion" or "motion+appearance" (see the module docstring).
+    tasks: "motion", "motion+appearance" or "appearance" (see the module docstring).
   Returns:
-    {"steps": [...], "loss": [...], "motion_acc": [...], "reversed_acc": [...], "seconds"}:
-    at `evals` evenly spaced steps, the training loss and the test accuracy (percent, 6
-    classes, chance 16.7) on the clips and on the same clips played backwards (label: the
-    opposite motion).
+    {"steps": [...], "loss": [...], "motion_acc": [...], "reversed_acc": [...], "seconds",
+    "encoder"}: at `evals` evenly spaced steps, the training loss and the test accuracy
+    (percent, 6 classes, chance 16.7) on the clips and on the same clips played backwards
+    (label: the opposite motion); `encoder` is the trained TimeSformer's params (float32
+    arrays, `TimesformerModel` names) for `save_encoder`.
   """
   if tasks not in TASKS:
     raise ValueError(f"tasks must be one of {TASKS}, got {tasks!r}")
@@ -101,19 +109,20 @@ def run(video_cfg, data: dict[str, np.ndarray], *, steps: int, batch_size: int, 
   labels = np.stack([data["motion"], data["colour"], data["shape"]], 1)
   test = slice(n - num_test, n)  # the training clips are the first n - num_test
   model = _Probe(video_cfg)
-  params = model.init(jax.random.PRNGKey(seed), video[:2])
+  params = nn.unbox(model.init(jax.random.PRNGKey(seed), video[:2]))
   opt = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, max(steps // 20, 1), steps),
                     b2=0.98, weight_decay=0.01)
   state = opt.init(params)
-  appearance = tasks == "motion+appearance"
+  # Loss weight of the motion, colour and shape heads.
+  weights = {"motion": (1.0, 0.0, 0.0), "motion+appearance": (1.0, 1.0, 1.0),
+             "appearance": (0.0, 1.0, 1.0)}[tasks]
 
   @jax.jit
   def step(params, state, x, y):
     def loss_fn(p):
       logits = model.apply(p, x)
-      ce = [optax.softmax_cross_entropy_with_integer_labels(lg, y[:, i]).mean()
-            for i, lg in enumerate(logits)]
-      return ce[0] + (ce[1] + ce[2] if appearance else 0.0)
+      return sum(w * optax.softmax_cross_entropy_with_integer_labels(lg, y[:, i]).mean()
+                 for i, (w, lg) in enumerate(zip(weights, logits)) if w)
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, state = opt.update(grads, state, params)
     return optax.apply_updates(params, updates), state, loss
@@ -138,4 +147,12 @@ def run(video_cfg, data: dict[str, np.ndarray], *, steps: int, batch_size: int, 
       out["motion_acc"].append(round(accuracy(params, x, y), 2))
       out["reversed_acc"].append(round(accuracy(params, x[:, ::-1], y ^ 1), 2))
   out["seconds"] = round(time.time() - t0, 1)
+  out["encoder"] = jax.device_get(params["params"]["TimesformerModel_0"])
   return out
+
+
+def save_encoder(encoder: dict, video_cfg, path: str) -> None:
+  """Writes `run`'s `encoder` params as a `transformers` TimesformerModel checkpoint in `path`
+  (config.json + model.safetensors), loadable with `config.init.video=hf:PATH`."""
+  config, tensors = tsf_conv.export_timesformer(encoder, video_cfg)
+  hf_io.save_pretrained(path, config, tensors)
