@@ -1,7 +1,7 @@
 """Can the config's video encoder learn the direction of motion? A supervised probe.
 
   python -m launch.motion_probe --config=configs/alpro_pretrain.py:demo --steps=400 \
-      --seeds=0,1,2 [--tasks=motion+appearance] [--save=DIR] \
+      --seeds=0,1,2 [--tasks=motion+appearance|appearance] [--save=DIR] \
       [--config.model.video.time_init_std=1.0 ...]
 
 Trains a fresh TimeSformer of `model.video` (sizes and init stds) with linear heads on

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -68,6 +70,11 @@ def test_an_order_blind_encoder_cannot_pass_both_directions(clips, tmp_path):
   app = motion_probe.run(_video_cfg(), clips, steps=3, batch_size=8, lr=3e-3, seed=1,
                          num_test=32, evals=1, tasks="appearance")
   assert app["steps"] == [3] and np.isfinite(app["loss"]).all()
+  fresh = nn.unbox(motion_probe._Probe(_video_cfg()).init(  # run's init for seed 1
+      jax.random.PRNGKey(1), clips["video"][:2].astype(np.float32)))["params"]["TimesformerModel_0"]
+  leaves = jax.tree.leaves(app["encoder"])
+  assert all(isinstance(a, np.ndarray) and a.dtype == np.float32 for a in leaves)
+  assert any(not np.allclose(a, b) for a, b in zip(leaves, jax.tree.leaves(fresh)))  # trained
   motion_probe.save_encoder(app["encoder"], _video_cfg(), str(tmp_path / "enc"))
   module, params = tsf_conv.import_timesformer(str(tmp_path / "enc"))
   x = jnp.asarray(clips["video"][:2], jnp.float32) / 255.0

@@ -1,8 +1,10 @@
 """PEM: regions, patch masks, soft labels and the loss against numpy; the frozen prompter; the
 pre-training run that trains its own prompter and logs `loss/pem`."""
 import dataclasses
+import json
 import math
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -320,29 +322,29 @@ def test_warm_start_begins_pretraining_from_the_prompter(tmp_path, data_dir, pre
   # The VTM and MLM heads the prompter never trained: the prompter's untrained values
   # (same names and shapes); the run still starts at step 0 with a fresh optimiser.
   assert int(jax.device_get(run.state.step)) == 0
-  # A video tower imported with init.video: the prompter started from it, so the warm start
-  # keeps the prompter's trained tower; without the warm start the import is applied.
+  # init.video on top of the warm start: applied when the warm run did not start from it,
+  # skipped (the warm run's trained tower kept) when its config.json says it did.
   video_cfg = alpro_lib.alpro_config(c.model, 1).video
   encoder = jax.device_get(nn.unbox(TimesformerModel(video_cfg).init(
       jax.random.PRNGKey(7), jnp.zeros((1, video_cfg.num_frames, video_cfg.image_size,
                                         video_cfg.image_size, 3))))["params"])
   motion_probe.save_encoder(encoder, video_cfg, str(tmp_path / "encoder"))
   c.init.video = f"hf:{tmp_path / 'encoder'}"
-  run = Trainer(c, str(tmp_path / "run_video")).build()
-  assert run.apply_init()
-  got = jax.device_get(run.state.params["model"]["video_encoder"])
-  run.checkpointer.close()
-  for a, b in zip(jax.tree.leaves(want["video_encoder"]), jax.tree.leaves(got)):
-    np.testing.assert_array_equal(a, b)
-  c.pem.warm_start = False
-  run = Trainer(c, str(tmp_path / "run_video_only")).build()
-  assert run.apply_init()
-  got = jax.device_get(run.state.params["model"]["video_encoder"])
-  run.checkpointer.close()
-  np.testing.assert_allclose(got["embeddings"]["time_embeddings"],
-                             encoder["embeddings"]["time_embeddings"], rtol=1e-6)
-  np.testing.assert_allclose(got["layernorm"]["scale"], encoder["layernorm"]["scale"], rtol=1e-6)
-  c.pem.warm_start, c.init.video = True, ""
+  started = tmp_path / "prompter_from_encoder"
+  shutil.copytree(prompter, started)
+  with open(started / "config.json") as f:
+    record = json.load(f)
+  record["init"]["video"] = c.init.video
+  with open(started / "config.json", "w") as f:
+    json.dump(record, f)
+  for warm, expected in ((prompter, encoder), (started, want["video_encoder"])):
+    c.pem.prompter = str(warm)
+    run = Trainer(c, str(tmp_path / f"run_{warm.name}")).build()
+    assert run.apply_init()
+    got = jax.device_get(run.state.params["model"]["video_encoder"])
+    run.checkpointer.close()
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), got, expected)
+  c.init.video = ""
   c.pem.prompter = str(tmp_path / "none")
   run = Trainer(c, str(tmp_path / "run2")).build()
   with pytest.raises(FileNotFoundError, match="pem.warm_start: no prompter checkpoint"):

@@ -127,7 +127,8 @@ class Task(abc.ABC):
     """Another run's WORKDIR whose params start this run when `config.init.checkpoint` is ""
     (e.g. ALPRO's prompter stage with `pem.warm_start`); "" = a fresh init. Read once, when
     the run starts without a checkpoint of its own, after every stage has finished. Its params
-    also take the place of `config.init`'s transformers imports, which that run started from."""
+    also take the place of the `config.init` transformers imports that run started from (as its
+    config.json records them)."""
     del workdir
     return ""
 

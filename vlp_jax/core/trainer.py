@@ -11,6 +11,7 @@ constructor has no side effects and the caller's config is never mutated; the re
 from __future__ import annotations
 
 import copy
+import json
 import os
 import signal
 import threading
@@ -197,11 +198,13 @@ class Trainer:
     warm = self.task.warm_start(self.workdir)
     if warm and not (init or {}).get("checkpoint", ""):
       init = copy.deepcopy(init) if init is not None else ml_collections.ConfigDict()
+      # An import the warm run itself started from is in its params already, trained on;
+      # importing it again would overwrite what that run learnt. Any other import applies.
+      theirs = _run_init(warm)
+      skipped = [k for k in self.task.pretrained_keys
+                 if init.get(k, "") and init.get(k, "") == theirs.get(k, "")]
       with init.unlocked():
         init.checkpoint = warm
-        # The warm run started from these imports and trained on; importing them again would
-        # overwrite what it learnt.
-        skipped = [k for k in self.task.pretrained_keys if init.get(k, "")]
         for k in skipped:
           init[k] = ""
       if skipped:
@@ -422,6 +425,15 @@ class Trainer:
       self.checkpointer.close()  # waits for the last (async) save
       writer.close()
     return results
+
+
+def _run_init(workdir: str) -> dict:
+  """`config.init` of the run in `workdir` as its WORKDIR/config.json records it ({} if none)."""
+  try:
+    with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+      return dict(json.load(f).get("init") or {})
+  except FileNotFoundError:
+    return {}
 
 
 def _check_finite(metrics: dict, step: int) -> None:

@@ -36,7 +36,10 @@ from vlp_jax.data.pipeline import CLIP_MEAN, CLIP_STD
 from vlp_jax.models.timesformer import TimesformerModel
 
 MOTIONS = ("left", "right", "up", "down", "grows", "shrinks")  # i ^ 1 = the reversed motion
-TASKS = ("motion", "motion+appearance", "appearance")
+# Loss weight of the motion, colour and shape heads per `tasks`.
+_HEAD_WEIGHTS = {"motion": (1.0, 0.0, 0.0), "motion+appearance": (1.0, 1.0, 1.0),
+                 "appearance": (0.0, 1.0, 1.0)}
+TASKS = tuple(_HEAD_WEIGHTS)
 
 
 def render(num_clips: int, *, seed: int, stored_frames: int, stored_size: int, num_frames: int,
@@ -94,8 +97,8 @@ def run(video_cfg, data: dict[str, np.ndarray], *, steps: int, batch_size: int, 
     {"steps": [...], "loss": [...], "motion_acc": [...], "reversed_acc": [...], "seconds",
     "encoder"}: at `evals` evenly spaced steps, the training loss and the test accuracy
     (percent, 6 classes, chance 16.7) on the clips and on the same clips played backwards
-    (label: the opposite motion); `encoder` is the trained TimeSformer's params (float32
-    arrays, `TimesformerModel` names) for `save_encoder`.
+    (label: the opposite motion); `encoder` is the trained TimeSformer's params (nested dict
+    of numpy float32 arrays, `TimesformerModel` names) for `save_encoder`.
   """
   if tasks not in TASKS:
     raise ValueError(f"tasks must be one of {TASKS}, got {tasks!r}")
@@ -109,13 +112,12 @@ def run(video_cfg, data: dict[str, np.ndarray], *, steps: int, batch_size: int, 
   labels = np.stack([data["motion"], data["colour"], data["shape"]], 1)
   test = slice(n - num_test, n)  # the training clips are the first n - num_test
   model = _Probe(video_cfg)
+  # Plain arrays (not logically boxed): the returned encoder goes straight to the exporter.
   params = nn.unbox(model.init(jax.random.PRNGKey(seed), video[:2]))
   opt = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, max(steps // 20, 1), steps),
                     b2=0.98, weight_decay=0.01)
   state = opt.init(params)
-  # Loss weight of the motion, colour and shape heads.
-  weights = {"motion": (1.0, 0.0, 0.0), "motion+appearance": (1.0, 1.0, 1.0),
-             "appearance": (0.0, 1.0, 1.0)}[tasks]
+  weights = _HEAD_WEIGHTS[tasks]
 
   @jax.jit
   def step(params, state, x, y):
@@ -151,8 +153,14 @@ def run(video_cfg, data: dict[str, np.ndarray], *, steps: int, batch_size: int, 
   return out
 
 
-def save_encoder(encoder: dict, video_cfg, path: str) -> None:
-  """Writes `run`'s `encoder` params as a `transformers` TimesformerModel checkpoint in `path`
-  (config.json + model.safetensors), loadable with `config.init.video=hf:PATH`."""
+def save_encoder(encoder: dict, video_cfg: Any, path: str) -> None:
+  """Writes a TimeSformer's params as a `transformers` TimesformerModel checkpoint.
+
+  Args:
+    encoder: nested dict of float32 arrays with `TimesformerModel` names (`run`'s `encoder`).
+    video_cfg: its `VideoConfig`.
+    path: directory for config.json + model.safetensors, loadable with
+      `config.init.video=hf:PATH`.
+  """
   config, tensors = tsf_conv.export_timesformer(encoder, video_cfg)
   hf_io.save_pretrained(path, config, tensors)
