@@ -1,7 +1,7 @@
 """Can the config's video encoder learn the direction of motion? A supervised probe.
 
   python -m launch.motion_probe --config=configs/alpro_pretrain.py:demo --steps=400 \
-      --seeds=0,1,2 [--tasks=motion+appearance|appearance] [--save=DIR] \
+      --seeds=0,1,2 [--tasks=motion+appearance|appearance|order] [--save=DIR] \
       [--config.model.video.time_init_std=1.0 ...]
 
 Trains a fresh TimeSformer of `model.video` (sizes and init stds) with linear heads on
@@ -12,7 +12,8 @@ direction), at `data.num_frames` x `data.image_size`, batch `batch_size`, peak l
 summary line: final test accuracy mean ± std (sample std) over the seeds, on the clips and
 on the same clips played backwards. `--save=DIR` writes each seed's trained encoder as a
 `transformers` TimesformerModel checkpoint in DIR/seed_<seed>, for
-`--config.init.video=hf:DIR/seed_<seed>` (a video tower pre-trained on labelled clips).
+`--config.init.video=hf:DIR/seed_<seed>` (a video tower pre-trained on labelled clips, or
+with `--tasks=order` on unlabelled ones).
 """
 import os
 
@@ -29,7 +30,8 @@ flags.DEFINE_integer("steps", 400, "Training steps per seed.")
 flags.DEFINE_string("seeds", "0,1,2", "Comma-separated seeds (init and batch order).")
 flags.DEFINE_string("tasks", "motion", "motion | motion+appearance (adds colour and shape "
                     "heads, as pre-training asks for more than motion) | appearance (colour "
-                    "and shape heads only).")
+                    "and shape heads only) | order (no label: time-reversal InfoNCE; the "
+                    "motion accuracy is a linear probe's on the frozen features).")
 flags.DEFINE_string("save", "", "Directory: write each seed's trained encoder to "
                     "DIR/seed_<seed> as a transformers TimesformerModel checkpoint.")
 flags.DEFINE_integer("num_clips", 3072, "Clips rendered; the last quarter (at most 512) "

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from vlp_jax.losses import (IGNORE_INDEX, mlm_loss, sample_hard_negatives, vtc_loss,
-                            vtm_loss)
+from vlp_jax.losses import (IGNORE_INDEX, mlm_loss, reversal_nce, sample_hard_negatives,
+                            vtc_loss, vtm_loss)
 
 
 def _unit_rows(rng, b, e):
@@ -326,3 +326,29 @@ def test_mlm_loss_bf16_logits_and_no_targets():
   assert float(m0["mlm/acc"]) == 0.0
   with pytest.raises(ValueError, match="labels"):
     mlm_loss(logits, labels[:, :3])
+
+
+def test_reversal_nce_matches_numpy_and_needs_order_to_win():
+  rng = np.random.default_rng(3)
+  q, pos, rev = (_unit_rows(rng, 5, 8) for _ in range(3))
+  per, m = reversal_nce(jnp.asarray(q), jnp.asarray(pos), jnp.asarray(rev), 0.1)
+  keys = np.concatenate([pos, rev]).astype(np.float64)
+  want, hits = [], []
+  for i in range(5):
+    logits = [float(np.dot(q[i], k)) / 0.1 for k in keys]
+    want.append(_lse(logits) - logits[i])
+    hits.append(int(np.argmax(logits)) == i)
+  np.testing.assert_allclose(per, want, rtol=1e-5, atol=1e-5)
+  assert float(m["order/acc"]) == pytest.approx(np.mean(hits))
+  assert float(m["order/reversal_cos"]) == pytest.approx(np.mean(np.sum(q * rev, 1)), abs=1e-6)
+  # An order-blind encoder gives a clip and its reversal one feature: at best a tie between
+  # the positive and the reversal, ln 2 above a perfect score, and no clip "wins".
+  per_blind, m_blind = reversal_nce(jnp.asarray(q), jnp.asarray(q), jnp.asarray(q), 0.002)
+  np.testing.assert_allclose(per_blind, np.log(2.0), atol=1e-4)
+  assert float(m_blind["order/reversal_cos"]) == pytest.approx(1.0, abs=1e-6)
+  per_order, _ = reversal_nce(jnp.asarray(q), jnp.asarray(q), -jnp.asarray(q), 0.002)
+  assert float(per_order.max()) < 1e-3
+  with pytest.raises(ValueError, match="one shape"):
+    reversal_nce(jnp.asarray(q), jnp.asarray(pos[:4]), jnp.asarray(rev), 0.1)
+  with pytest.raises(ValueError, match="temp"):
+    reversal_nce(jnp.asarray(q), jnp.asarray(pos), jnp.asarray(rev), 0.0)

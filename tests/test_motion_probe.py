@@ -88,6 +88,39 @@ def test_an_order_blind_encoder_cannot_pass_both_directions(clips, tmp_path):
     motion_probe.run(_video_cfg(), clips, steps=1, batch_size=8, lr=1e-3, seed=0, num_test=72)
 
 
+def test_order_task_needs_no_label_and_a_blind_encoder_cannot_use_it(clips):
+  """The label-free "order" task: a shifted view keeps the motion; the linear probe reads
+  direction from features that carry it; an order-blind encoder maps a clip and its reversal
+  to one feature (reversal_cos 1), so its probe cannot pass both directions."""
+  rng = np.random.default_rng(0)
+  video = rng.integers(0, 255, (6, 3, 10, 12, 3)).astype(np.uint8)
+  shifted = motion_probe._shift(video, rng, 2)
+  padded = np.pad(video, ((0, 0), (0, 0), (2, 2), (2, 2), (0, 0)), mode="edge")
+  offsets = []
+  for p, b in zip(padded, shifted):  # exactly one (dy, dx) in [-2, 2]^2 for all frames
+    hits = [(y, x) for y in range(5) for x in range(5)
+            if np.array_equal(p[:, y:y + 10, x:x + 12], b)]
+    assert len(hits) == 1
+    offsets.append(hits[0])
+  assert len(set(offsets)) > 1  # each clip draws its own
+  # Features that hold the motion's class (plus noise): the probe reads it, on the reversed
+  # set too when the reversed features hold the opposite class.
+  y = np.arange(120) % 6
+  h = np.eye(6)[y] * 3.0 + rng.normal(size=(120, 6)) * 0.1
+  assert motion_probe._linear_probe(h[:90], y[:90], [(h[90:], y[90:]), (h[90:], y[90:] ^ 1)]) \
+      == [100.0, 0.0]
+  blind = motion_probe.run(_video_cfg(temporal="none"), clips, steps=4, batch_size=8, lr=3e-3,
+                           seed=0, num_test=32, evals=2, tasks="order", max_shift=2)
+  assert blind["steps"] == [2, 4] and np.isfinite(blind["loss"]).all()
+  np.testing.assert_allclose(blind["reversal_cos"], 1.0, atol=2e-6)
+  assert all(a + r <= 100.0 + 1e-6 for a, r in zip(blind["motion_acc"], blind["reversed_acc"]))
+  # Divided attention with a non-zero temporal projection sees frame order from the start.
+  seeing = motion_probe.run(_video_cfg(temporal_dense_init_std=0.1, time_init_std=1.0), clips,
+                            steps=4, batch_size=8, lr=3e-3, seed=0, num_test=32, evals=1,
+                            tasks="order", max_shift=2)
+  assert seeing["reversal_cos"][0] < 1.0 - 1e-5
+
+
 def test_launch_motion_probe_prints_a_summary(tmp_path):
   cmd = [sys.executable, "-m", "launch.motion_probe", "--config=configs/alpro_pretrain.py:tiny",
          "--steps=2", "--seeds=0,1", "--num_clips=40", "--config.batch_size=4",

@@ -5,6 +5,7 @@ from vlp_jax.losses.pem import (keep_region, label_quality, pem_loss, region_mea
                                 region_patch_mask, regions_from_uniforms, sample_regions,
                                 soft_labels)
 from vlp_jax.losses.qa import qa_loss
+from vlp_jax.losses.reversal_nce import reversal_nce
 from vlp_jax.losses.vtc import vtc_loss
 from vlp_jax.losses.vtm import (hard_negative_sharpness, sample_hard_negatives, twin_negatives,
                                 vtm_loss)
@@ -20,6 +21,7 @@ __all__ = [
     "region_mean",
     "region_patch_mask",
     "regions_from_uniforms",
+    "reversal_nce",
     "hard_negative_sharpness",
     "sample_hard_negatives",
     "sample_regions",
