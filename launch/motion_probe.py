@@ -1,4 +1,5 @@
-"""Can the config's video encoder learn the direction of motion? A supervised probe.
+"""Can the config's video encoder learn the direction of motion? A supervised probe, or a
+label-free time-reversal objective (`--tasks=order`) read by a linear probe.
 
   python -m launch.motion_probe --config=configs/alpro_pretrain.py:demo --steps=400 \
       --seeds=0,1,2 [--tasks=motion+appearance|appearance|order] [--save=DIR] \

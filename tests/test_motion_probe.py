@@ -119,6 +119,9 @@ def test_order_task_needs_no_label_and_a_blind_encoder_cannot_use_it(clips):
                             steps=4, batch_size=8, lr=3e-3, seed=0, num_test=32, evals=1,
                             tasks="order", max_shift=2)
   assert seeing["reversal_cos"][0] < 1.0 - 1e-5
+  with pytest.raises(ValueError, match="max_shift"):
+    motion_probe.run(_video_cfg(), clips, steps=1, batch_size=8, lr=1e-3, seed=0,
+                     tasks="order", max_shift=-1)
 
 
 def test_launch_motion_probe_prints_a_summary(tmp_path):

@@ -151,6 +151,8 @@ def run(video_cfg, data: dict[str, np.ndarray], *, steps: int, batch_size: int, 
   """
   if tasks not in TASKS:
     raise ValueError(f"tasks must be one of {TASKS}, got {tasks!r}")
+  if max_shift < 0 or not order_temp > 0:
+    raise ValueError(f"max_shift must be >= 0 and order_temp > 0, got {max_shift}, {order_temp}")
   n = len(data["motion"])
   num_test = min(512, n // 4) if num_test is None else int(num_test)
   if n <= num_test:
