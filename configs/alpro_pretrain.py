@@ -161,7 +161,7 @@ def base() -> ml_collections.ConfigDict:
   c.log_every = 50
   # Evaluators, each run at the end of training and every `every` steps (0 = only at the end);
   # `type` is one of the task's evaluators. ALPRO's `retrieval` re-ranks each query's top
-  # `rerank_k` by VTC sim + VTM logit (0 = VTC ranks only).
+  # `rerank_k` by VTC logit (sim / temperature) + VTM log-odds (0 = VTC ranks only).
   c.evals = ml_collections.ConfigDict()
   c.evals.test = retrieval_eval("test", every=5000)
   c.eval_batch_size = 256

@@ -4,7 +4,7 @@
       [--config.init.checkpoint=runs/pretrain]
 
 Evaluation ranks by VTC similarity and re-ranks each query's top `evals.<name>.rerank_k`
-candidates by VTC similarity + VTM positive logit (both directions); `retrieval/...` holds the
+candidates by VTC logit + VTM log-odds (both directions); `retrieval/...` holds the
 re-ranked metrics, `retrieval_vtc/...` the VTC-only ones.
 
 Presets:

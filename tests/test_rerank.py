@@ -37,7 +37,7 @@ def _summary(ranks, prefix):
 
 
 def naive_reranked(sim, extra, t2v, k):
-  """Numpy re-rank in both directions; `extra[t, v]` is the pair score (VTM logit)."""
+  """Numpy re-rank in both directions; `extra[t, v]` is the pair score added to `sim`."""
   nt, nv = sim.shape
   t_orders = _orders(sim, extra, k)
   t_ranks = [1 + int(np.nonzero(t_orders[i] == t2v[i])[0][0]) for i in range(nt)]
@@ -150,6 +150,7 @@ def _task_and_batches():
 
 
 def test_task_evaluate_reranks_with_vtm_logits():
+  """Re-ranked by the sum of the two heads' logits: sim / temperature + VTM log-odds."""
   task, batches = _task_and_batches()
   mesh = Mesh(np.array(jax.devices()).reshape(8, 1, 1), ("data", "fsdp", "tensor"))
   rules = shd.rules_from_config(task.config.sharding_rules)
@@ -171,14 +172,17 @@ def test_task_evaluate_reranks_with_vtm_logits():
     n = sim.shape[0]
     ti, vi = jnp.repeat(jnp.arange(n), n), jnp.tile(jnp.arange(n), n)
     fused = app(ALPRO.fuse, t[ti], mask[ti], v[vi])
-    return sim, app(ALPRO.vtm_logits, fused)[:, 1].reshape(n, n)
+    logits = app(ALPRO.vtm_logits, fused)
+    return sim, app(ALPRO.temperature), (logits[:, 1] - logits[:, 0]).reshape(n, n)
 
-  sim, vtm = map(np.asarray, direct(jax.device_get(params), rows["video"], rows["text_ids"],
-                                    rows["text_mask"]))
+  sim, temp, log_odds = map(np.asarray, direct(jax.device_get(params), rows["video"],
+                                               rows["text_ids"], rows["text_mask"]))
   n = sim.shape[0]
-  assert np.ptp(vtm) > 1e-3  # the pair scores really differ
+  assert np.ptp(log_odds) > 1e-3  # the pair scores really differ
 
-  want, _ = naive_reranked(sim, vtm, np.arange(n), 4)
+  want, _ = naive_reranked(sim / temp, log_odds, np.arange(n), 4)
+  # The scales matter: here an unscaled `sim + log-odds` sum ranks differently.
+  assert want != naive_reranked(sim, log_odds, np.arange(n), 4)[0]
   _assert_close({k[len("retrieval/"):]: v for k, v in got.items()
                  if k.startswith("retrieval/")}, want)
   _assert_close({k[len("retrieval_vtc/"):]: v for k, v in got.items()

@@ -1,7 +1,8 @@
 """ALPRO retrieval evaluation: rank by VTC similarity, re-rank each query's top-k with VTM.
 
 For a text query the top-k videos by VTC similarity are re-scored with
-`VTC similarity + VTM positive logit` of the fused (text, video) pair; every other video keeps
+`VTC similarity + pair score` of the fused (text, video) pair (ALPRO: temperature x VTM
+log-odds, `methods/alpro/retrieval.py`); every other video keeps
 its VTC order below them (the ranks of `retrieval.rerank_topk`'s matrix). For a video query
 the same is done over texts. The candidates come from `eval/blockwise.py`'s scan, so no
 [Nt, Nv] similarity matrix is ever formed; the pair scores are computed in fixed-size chunks
@@ -20,7 +21,7 @@ import numpy as np
 
 from vlp_jax.eval.retrieval import metrics_from_ranks
 
-# (text_idx int32 [C, k], video_idx int32 [C, k]) -> float32 [C, k], e.g. VTM positive logits.
+# (text_idx int32 [C, k], video_idx int32 [C, k]) -> float32 [C, k], e.g. VTM scores.
 PairScore = Callable[[jax.Array, jax.Array], jax.Array]
 
 
@@ -71,7 +72,7 @@ def reranked_ranks(scan: dict, pair_score: PairScore, chunk_rows: int
   Args:
     scan: `blockwise.scan(..., k=k)`: VTC ranks and each query's top-k candidates.
     pair_score: `(text_idx int32 [C, k], video_idx int32 [C, k]) -> float32 [C, k]`, the
-      score added to the VTC similarity of each pair (ALPRO: the VTM positive logit).
+      score added to the VTC similarity of each pair (ALPRO: temperature x VTM log-odds).
     chunk_rows: C, queries scored per call of `pair_score`.
   Returns:
     (t2v int32 [Nt], v2t int32 [Nv]): the ranks `retrieval_metrics` gives on the matrix that

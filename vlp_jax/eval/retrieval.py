@@ -182,7 +182,7 @@ def rerank_topk(sim: jax.Array, k: int,
     sim: float [Nq, Nc] similarities, rows = queries (texts), columns = candidates.
     k: number of candidates to re-score per row; clamped to Nc.
     score_fn: `(text_idx int32 [Nq, k], video_idx int32 [Nq, k]) -> float [Nq, k]`,
-      the additional score of each pair (e.g. the VTM positive logit).
+      the additional score of each pair (e.g. a VTM score).
 
   Returns:
     float32 [Nq, Nc], the re-ranked similarity matrix.

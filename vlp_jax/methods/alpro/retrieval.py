@@ -1,10 +1,15 @@
 """ALPRO's retrieval evaluator: rank by VTC similarity, re-rank the top k by VTM, contrast probes.
 
 `config.evals.<name> = dict(type="retrieval", split=..., every=..., rerank_k=K)`: with K > 0
-the top-k of every query (both directions) are re-ranked by VTC similarity + VTM positive logit
-(ALPRO's evaluation); `retrieval/...` then holds the re-ranked metrics and `retrieval_vtc/...`
-the VTC-only ones. Ranks and candidates come block by block (eval/blockwise.py), so no
-[N, N] similarity matrix is formed at any size.
+the top-k of every query (both directions) are re-ranked by VTM (ALPRO's evaluation);
+`retrieval/...` then holds the re-ranked metrics and `retrieval_vtc/...` the VTC-only ones.
+
+The re-ranking score adds the two heads' logits: `sim / temperature` (VTC's logit for the pair)
+`+ VTM log-odds` (match minus no-match logit), i.e. the product of the two heads' odds. A raw
+`sim + positive logit` sum is dominated by VTM (cosines span ~0.1, logits ~1), so a VTM head
+weaker than VTC overrides it. Ranks are computed as `sim + temperature * log-odds` (the same
+order, with a positive temperature) so the VTC top-k and its similarities are reused as is. Ranks and candidates come block by
+block (eval/blockwise.py), so no [N, N] similarity matrix is formed at any size.
 """
 from __future__ import annotations
 
@@ -74,14 +79,16 @@ class RetrievalEvaluator:
     return functools.partial(self._features, tokens=True)
 
   @functools.cached_property
-  def _vtm_pair_logit(self):
+  def _vtm_pair_score(self):
     """Jitted (params, text_tokens, text_mask, video_tokens, text_rows, video_rows) ->
-    float32 [P]: VTM positive logit of the fused pairs (text_rows[p], video_rows[p])."""
+    float32 [P]: temperature x VTM log-odds of the fused pairs (text_rows[p], video_rows[p]),
+    the score added to their VTC similarity."""
     def score(params, text_tokens, text_mask, video_tokens, text_rows, video_rows):
       pairs = lambda x: layers.constrain(x, ("batch",) + (None,) * (x.ndim - 1))
       fused = self._apply(params, ALPRO.fuse, pairs(text_tokens[text_rows]),
                           pairs(text_mask[text_rows]), pairs(video_tokens[video_rows]))
-      return self._apply(params, ALPRO.vtm_logits, fused)[:, 1]
+      logits = self._apply(params, ALPRO.vtm_logits, fused)
+      return self._apply(params, ALPRO.temperature) * (logits[:, 1] - logits[:, 0])
     return jax.jit(score)
 
   def __call__(self, params, batches, mesh, rules, eval_cfg
@@ -120,10 +127,10 @@ class RetrievalEvaluator:
 
       def pair_score(text_idx, video_idx):
         with shd.activate(mesh, rules):
-          logit = self._vtm_pair_logit(params, rows["text_tokens"], rows["text_mask"],
+          score = self._vtm_pair_score(params, rows["text_tokens"], rows["text_mask"],
                                        rows["video_tokens"], keep_d[text_idx.reshape(-1)],
                                        keep_d[video_idx.reshape(-1)])
-        return logit.reshape(text_idx.shape)
+        return score.reshape(text_idx.shape)
 
       # About `pairs_per_call` fused pairs per call, evenly split over the batch shards.
       chunk = rerank.rows_per_chunk(self.pairs_per_call, k, features.batch_shards(mesh, rules))
