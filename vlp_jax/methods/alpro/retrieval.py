@@ -8,8 +8,9 @@ The re-ranking score adds the two heads' logits: `sim / temperature` (VTC's logi
 `+ VTM log-odds` (match minus no-match logit), i.e. the product of the two heads' odds. A raw
 `sim + positive logit` sum is dominated by VTM (cosines span ~0.1, logits ~1), so a VTM head
 weaker than VTC overrides it. Ranks are computed as `sim + temperature * log-odds` (the same
-order, with a positive temperature) so the VTC top-k and its similarities are reused as is. Ranks and candidates come block by
-block (eval/blockwise.py), so no [N, N] similarity matrix is formed at any size.
+order, with a positive temperature) so the VTC top-k and its similarities are reused as is.
+Ranks and candidates come block by block (eval/blockwise.py), so no [N, N] similarity matrix
+is formed at any size.
 """
 from __future__ import annotations
 
