@@ -2,8 +2,8 @@
 
 For a text query the top-k videos by VTC similarity are re-scored with
 `VTC similarity + pair score` of the fused (text, video) pair (ALPRO: temperature x VTM
-log-odds, `methods/alpro/retrieval.py`); every other video keeps
-its VTC order below them (the ranks of `retrieval.rerank_topk`'s matrix). For a video query
+log-odds, `methods/alpro/retrieval.py`); every other video keeps its VTC order below them
+(the ranks of `retrieval.rerank_topk`'s matrix). For a video query
 the same is done over texts. The candidates come from `eval/blockwise.py`'s scan, so no
 [Nt, Nv] similarity matrix is ever formed; the pair scores are computed in fixed-size chunks
 of queries (one compiled program), so a 100k x 100k evaluation needs only `chunk` fused

@@ -6,9 +6,10 @@ the top-k of every query (both directions) are re-ranked by VTM (ALPRO's evaluat
 
 The re-ranking score adds the two heads' logits: `sim / temperature` (VTC's logit for the pair)
 `+ VTM log-odds` (match minus no-match logit), i.e. the product of the two heads' odds. A raw
-`sim + positive logit` sum is dominated by VTM (cosines span ~0.1, logits ~1), so a VTM head
-weaker than VTC overrides it. Ranks are computed as `sim + temperature * log-odds` (the same
-order, with a positive temperature) so the VTC top-k and its similarities are reused as is.
+`sim + positive logit` sum is dominated by VTM (over a top 16, cosines vary by ~0.1, logits
+by ~0.7), so a VTM head weaker than VTC overrides it. Ranks are computed as
+`sim + temperature * log-odds` (the same order, with a positive temperature) so the VTC top-k
+and its similarities are reused as is.
 Ranks and candidates come block by block (eval/blockwise.py), so no [N, N] similarity matrix
 is formed at any size.
 """
