@@ -9,7 +9,8 @@ synthetic "moving shapes" corpus generated into WORKDIR/data), `base` (paper siz
 PEM's teacher is a prompter: the same model trained with VTC only (configs/alpro_prompter.py).
 With `pem.prompter` = "" `launch.train` trains it into WORKDIR/prompter first (the stage of
 `stages()` below, `pem.prompter_steps`) unless it is already there; or point `pem.prompter` at
-a prompter run's WORKDIR.
+a prompter run's WORKDIR. With `order.steps` > 0 a label-free order stage
+(vlp_jax/methods/alpro/order.py) comes first, in WORKDIR/order, and starts the prompter.
 Entities: `pem.entities` ("" = DATA_DIR/entities.txt, which the synthetic corpus writes; build
 one for real data with `python -m launch.entities`).
 """
@@ -144,6 +145,17 @@ def base() -> ml_collections.ConfigDict:
       aspect=(0.3, 1 / 0.3),   # region height / width
   ))
 
+  # Label-free video stage (vlp_jax/methods/alpro/order.py), trained first when `steps` > 0:
+  # the video tower learns frame order with a time-reversal InfoNCE (InfoNCE temperature
+  # `temp`; positives shifted by <= `max_shift` px) on the training clips, no captions read;
+  # its video encoder then starts the prompter (or, without one, pre-training). Clips in which
+  # no input value changes by more than `min_change` (normalised units: 1.0 ~ 27 % of the
+  # intensity range) over time are not queries: noise has no order. `dir`: an order run's
+  # WORKDIR to start from instead; "" = WORKDIR/order, trained by `launch.train` (the stage of
+  # `stages()` below). 0 steps = off (ALPRO starts from ImageNet weights).
+  c.order = ml_collections.ConfigDict(dict(steps=0, temp=0.1, max_shift=4, min_change=0.8,
+                                           dir=""))
+
   # One optimizer per parameter collection (`optim.<collection>`; ALPRO has `model`), see
   # vlp_jax/core/optim.py: `frozen` = regex of parameter paths that are not trained,
   # `lr_mult` = ((regex, multiplier), ...). `grad_accum`: micro-batches per step.
@@ -255,8 +267,9 @@ def _demo(c):
   c.evals.test_unseen = retrieval_eval("test_unseen", every=200)
   c.ckpt_every = 200
   # K = 8 shape nouns: uniform is already 0.125, so the threshold is a margin over it.
-  # Most of the budget goes to the prompter (VTC only, half the cost of a full step): motion
-  # direction needs 1000+ VTC steps to appear, and pre-training starts from the prompter.
+  # Most of the budget goes to the prompter (VTC only, about half the cost of a full step):
+  # motion direction needs 1000+ VTC steps to appear, and pre-training starts from the
+  # prompter. (`order.steps` stays 0: README "A label-free start" has the measurements.)
   c.pem.update(num_entities=8, prompter_steps=2000, prompter_ckpt_every=1000,
                threshold_mode="over_uniform", warm_start=True)
 
@@ -305,12 +318,54 @@ def prompter_stage(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   return c
 
 
+def order_stage(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The order stage of a pre-training config: same model and data, task `alpro_order`.
+
+  Returns a copy with `num_steps` = `order.steps` (one checkpoint, at the end), video batches
+  only (no still images, no reversed twins: the loss makes its own reversals), one `order`
+  evaluation at the end on the first eval's split, and no `init.checkpoint`.
+  """
+  c = copy.deepcopy(config)
+  splits = [ev.split for ev in config.evals.values()]
+  with c.unlocked():
+    c.task = "alpro_order"
+    c.num_steps = c.ckpt_every = int(config.order.steps)
+    c.data.image_ratio = 0.0
+    c.data.reverse_twins.rate = 0.0
+    c.evals = ml_collections.ConfigDict(
+        {"order": dict(type="order", split=splits[0], every=0)} if splits else {})
+    c.init.checkpoint = ""
+  return c
+
+
 def stages(config: ml_collections.ConfigDict, workdir: str) -> list[tuple[str, object, str]]:
   """Runs `python -m launch.train` completes before training `config` in `workdir`:
-  [(name, config, workdir)]. PEM or `pem.warm_start` with `pem.prompter` = "" needs its
-  prompter in WORKDIR/prompter (`prompter_stage`); random benchmark data uses an untrained
-  one."""
-  wanted = float(config.loss.pem) > 0 or bool(config.pem.get("warm_start", False))
-  if wanted and not config.pem.prompter and config.data.source != "random":
-    return [("prompter", prompter_stage(config), os.path.join(workdir, "prompter"))]
-  return []
+  [(name, config, workdir)], in order. `order.steps` > 0 with `order.dir` = "" trains the
+  order stage in WORKDIR/order (`order_stage`); PEM or `pem.warm_start` with `pem.prompter`
+  = "" needs its prompter in WORKDIR/prompter (`prompter_stage`), which starts from the order
+  stage. Random benchmark data has no stages (PEM then uses an untrained prompter). The
+  stages read the run's data directory (WORKDIR/data when `data.dir` is ""): one corpus."""
+  if config.data.source == "random":
+    return []
+  root = os.path.abspath(workdir)
+  out = []
+
+  def add(name, stage_config):
+    if not stage_config.data.dir and stage_config.data.source != "tfds":
+      with stage_config.unlocked():
+        stage_config.data.dir = os.path.join(root, "data")
+    out.append((name, stage_config, os.path.join(root, name)))
+
+  steps = int(config.get("order", {}).get("steps", 0))
+  warm = bool(config.pem.get("warm_start", False))
+  prompter_wanted = (float(config.loss.pem) > 0 or warm) and not config.pem.prompter
+  # The order stage starts the prompter stage, or this run when it does not start from one.
+  if steps > 0 and not config.order.dir and (prompter_wanted or not warm):
+    add("order", order_stage(config))
+  if prompter_wanted:
+    prompter = prompter_stage(config)
+    if steps > 0:
+      with prompter.unlocked():
+        prompter.order.dir = config.order.dir or os.path.join(root, "order")
+    add("prompter", prompter)
+  return out

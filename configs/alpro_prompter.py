@@ -12,6 +12,9 @@ WORKDIR/prompter by itself, so this file is for training the prompter separately
 for several pre-training runs). Model overrides given here must be repeated for the
 pre-training run, whose model has to match the prompter's encoders.
 
+With `order.steps` > 0 the prompter starts from the label-free order stage, which
+`launch.train` trains first into WORKDIR/order (`stages`), or from `order.dir`.
+
 Presets: `tiny` (10 steps, unit tests), `demo` (2000 steps on the synthetic corpus, about 10
 minutes on 2 CPU cores), `base` (paper sizes).
 """
@@ -19,6 +22,7 @@ from configs import alpro_pretrain
 from vlp_jax import config as config_lib
 
 PRESETS = alpro_pretrain.PRESETS
+stages = alpro_pretrain.stages  # a prompter config has only the order stage
 
 
 def get_config(arg=None):

@@ -82,6 +82,7 @@ def _demo(c):
   alpro_pretrain.PRESETS["demo"](c)
   c.data.reverse_twins.rate = 0.0  # a reversed clip would keep its question's direction answer
   c.pem.warm_start = False  # fine-tuning starts from init.checkpoint (or fresh), no prompter
+  c.order.steps = 0  # nor an order stage
   c.model.num_answers = 32  # every colour, shape, motion, size and count + a few rare answers
   c.optim.model.update(lr=2.5e-4, warmup_frac=0.1, clip_norm=5.0, weight_decay=1e-3)
   c.evals = ml_collections.ConfigDict({n: qa_eval(n) for n in ("test", "test_unseen")})

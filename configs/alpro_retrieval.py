@@ -85,6 +85,7 @@ def _demo(c):
   alpro_pretrain.PRESETS["demo"](c)
   _finetune(c, lr=2.5e-4, clip_norm=5.0)
   c.pem.warm_start = False  # fine-tuning starts from init.checkpoint (or fresh), no prompter
+  c.order.steps = 0  # nor an order stage
   for ev in c.evals.values():
     ev.update(rerank_k=16, every=0)
   c.num_steps = 300

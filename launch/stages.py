@@ -57,7 +57,8 @@ def train(config, workdir: str, stages: StagesFn | None = None, *, devices=None,
     if run.preempted_at is not None:
       return run
     logging.info("stage %s: done: %s", name, {
-        k: {m: round(v, 2) for m, v in r.items() if "R@" in m or m == "loss"}
+        k: {m: round(v, 2) for m, v in r.items()
+            if "R@" in m or m == "loss" or m.startswith("order/")}
         for k, r in run.results.items()})
   run = trainer.Trainer(config, workdir, devices).build()
   run.fit(stop_at=stop_at)

@@ -347,7 +347,7 @@ def test_warm_start_begins_pretraining_from_the_prompter(tmp_path, data_dir, pre
   c.init.video = ""
   c.pem.prompter = str(tmp_path / "none")
   run = Trainer(c, str(tmp_path / "run2")).build()
-  with pytest.raises(FileNotFoundError, match="pem.warm_start: no prompter checkpoint"):
+  with pytest.raises(FileNotFoundError, match="pem.warm_start: prompter: no checkpoint"):
     run.apply_init()
   run.checkpointer.close()
 

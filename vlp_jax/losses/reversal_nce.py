@@ -14,7 +14,8 @@ import jax.numpy as jnp
 
 
 def reversal_nce(query: jax.Array, positive: jax.Array, reversed_: jax.Array,
-                 temp: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+                 temp: float, mask: jax.Array | None = None
+                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """InfoNCE of each clip against its other view, with every clip's reversal as a negative.
 
   Args:
@@ -23,11 +24,14 @@ def reversal_nce(query: jax.Array, positive: jax.Array, reversed_: jax.Array,
       is clip i's positive).
     reversed_: float [B, E], L2-normalised features of the clips played backwards.
     temp: the softmax temperature (> 0).
+    mask: optional bool [B], the rows the metrics average over (all rows still serve as
+      negatives); None = every row.
 
   Returns:
     per_sample: float32 [B], `-log softmax([q_i . p_j]_j ++ [q_i . r_j]_j / temp)[i]`.
     metrics: float32 scalars `order/acc` (share of clips whose positive scores highest of the
-      2B candidates) and `order/reversal_cos` (mean `q_i . r_i`).
+      2B candidates) and `order/reversal_cos` (mean `q_i . r_i`), over the masked rows (0
+      when none is).
   """
   if query.ndim != 2 or query.shape != positive.shape or query.shape != reversed_.shape:
     raise ValueError("reversal_nce expects query, positive and reversed_ of one shape [B, E], "
@@ -39,8 +43,32 @@ def reversal_nce(query: jax.Array, positive: jax.Array, reversed_: jax.Array,
   logits = jnp.matmul(q, keys.T, precision=jax.lax.Precision.HIGHEST) / temp  # [B, 2B]
   target = jnp.arange(q.shape[0])
   per_sample = -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), target[:, None], 1)[:, 0]
+  w = jnp.ones_like(per_sample) if mask is None else mask.astype(jnp.float32)
+  mean = lambda x: jnp.sum(w * x) / jnp.maximum(jnp.sum(w), 1.0)
   metrics = {
-      "order/acc": jnp.mean((jnp.argmax(logits, -1) == target).astype(jnp.float32)),
-      "order/reversal_cos": jnp.mean(jnp.sum(q * reversed_.astype(jnp.float32), -1)),
+      "order/acc": mean((jnp.argmax(logits, -1) == target).astype(jnp.float32)),
+      "order/reversal_cos": mean(jnp.sum(q * reversed_.astype(jnp.float32), -1)),
   }
   return per_sample, metrics
+
+
+def shifted_views(key: jax.Array, video: jax.Array, max_shift: int) -> jax.Array:
+  """Each clip moved by its own offset, the same on every frame: a view whose motion is unchanged.
+
+  Args:
+    key: PRNG key.
+    video: float [B, T, H, W, C].
+    max_shift: largest offset in pixels (>= 0); each clip's (dy, dx) is uniform in
+      [-max_shift, max_shift]^2, and edge pixels fill the gap.
+
+  Returns:
+    float [B, T, H, W, C], the dtype of `video`.
+  """
+  if max_shift < 0:
+    raise ValueError(f"shifted_views: max_shift must be >= 0, got {max_shift}")
+  b, t, h, w, c = video.shape
+  m = int(max_shift)
+  padded = jnp.pad(video, ((0, 0), (0, 0), (m, m), (m, m), (0, 0)), mode="edge")
+  offsets = jax.random.randint(key, (b, 2), 0, 2 * m + 1)
+  crop = lambda clip, o: jax.lax.dynamic_slice(clip, (0, o[0], o[1], 0), (t, h, w, c))
+  return jax.vmap(crop)(padded, offsets)

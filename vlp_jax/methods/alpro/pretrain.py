@@ -27,6 +27,7 @@ from vlp_jax.data import classes as classes_lib
 from vlp_jax.data import entities as entities_lib
 from vlp_jax.data.mixture import IS_IMAGE
 from vlp_jax.methods.alpro import flops
+from vlp_jax.methods.alpro import order as order_lib
 from vlp_jax.methods.alpro import prompter as prompter_lib
 from vlp_jax.methods.alpro import retrieval
 from vlp_jax.models.alpro import ALPRO, alpro_config
@@ -148,16 +149,23 @@ class ALPROTask(task_lib.Task):
     return self.model.apply({"params": params}, *args, method=method, rngs=rngs, **kwargs)
 
   def warm_start(self, workdir: str) -> str:
-    """The prompter's WORKDIR with `pem.warm_start` (its VTC-trained weights start
-    pre-training), else "" (a fresh init)."""
-    if (not self.config.get("pem", {}).get("warm_start", False)
-        or self.config.data.source == "random"):  # benchmark data: no prompter stage
+    """The run whose params start this one: the prompter's WORKDIR with `pem.warm_start`
+    (its VTC-trained weights start pre-training), else the order stage's with `order.steps`
+    > 0 (its video encoder), else "" (a fresh init)."""
+    if self.config.data.source == "random":  # benchmark data: no stages
       return ""
-    path = prompter_lib.prompter_dir(self.config, workdir)
+    if self.config.get("pem", {}).get("warm_start", False):
+      path, what = prompter_lib.prompter_dir(self.config, workdir), "pem.warm_start: prompter"
+      stage, setting = "prompter", "pem.prompter"
+    elif int(self.config.get("order", {}).get("steps", 0)) > 0:
+      path, what = order_lib.order_dir(self.config, workdir), "order.steps > 0: order stage"
+      stage, setting = "order", "order.dir"
+    else:
+      return ""
     if ckpt_lib.latest_step(path) is None:
       raise FileNotFoundError(
-          f"pem.warm_start: no prompter checkpoint in {path!r}; `python -m launch.train` with "
-          "this config trains it first (its `prompter` stage), or set pem.prompter")
+          f"{what}: no checkpoint in {path!r}; `python -m launch.train` with this config "
+          f"trains it first (its `{stage}` stage), or set {setting}")
     return path
 
   def load_frozen(self, mesh, rules, workdir: str) -> task_lib.Frozen | None:
