@@ -17,7 +17,6 @@ feature and its reversal's (1 = blind to order).
 """
 from __future__ import annotations
 
-import functools
 import os
 from typing import Any
 
@@ -153,10 +152,6 @@ class OrderTask(task_lib.Task):
     return {"order/reversal_cos": float(cos[mov].mean()) if mov.any() else float("nan"),
             "order/moving_frac": float(mov.mean())}
 
-  @functools.cached_property
-  def _evaluators(self) -> dict[str, task_lib.Evaluator]:
-    return {"order": self._evaluate}
-
   def evaluators(self) -> dict[str, task_lib.Evaluator]:
     """`order`: how order-blind the projected features are."""
-    return self._evaluators
+    return {"order": self._evaluate}
