@@ -120,8 +120,12 @@ def base() -> ml_collections.ConfigDict:
   # `max_sharpness` < 1 tempers the hard negatives for good (softmax of VTC logits times it).
   # `twin_prob`: with data.reverse_twins, the chance that a row's VTM negative is its
   # time-reversed twin (the other direction of the same clip) instead of a sampled one.
+  # `sample_twins`: whether the sampler may draw a row's twin as well. A model that cannot yet
+  # tell a clip from its reversal ranks the twin next to the positive, so sampled by VTC
+  # similarity the twins become about half of all VTM negatives, a task the head can only
+  # meet with its prior; False leaves the twin share to `twin_prob` alone.
   c.vtm_negatives = ml_collections.ConfigDict(dict(hard_from=0.0, ramp=0.0, max_sharpness=1.0,
-                                                   twin_prob=0.0))
+                                                   twin_prob=0.0, sample_twins=False))
 
   # Prompting entity modelling (used when loss.pem > 0).
   c.pem = ml_collections.ConfigDict(dict(

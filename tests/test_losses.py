@@ -180,6 +180,41 @@ def test_hard_negatives_follow_masked_softmax(sharpness):
   assert np.all(np.abs(freq_t - p_v2t) <= tol_t), np.abs(freq_t - p_v2t).max()
 
 
+def test_hard_negatives_never_draw_a_time_reversed_twin():
+  """With `twin`, a row's twin is masked like its positive: the draws follow the softmax
+  over the remaining pairs, in both directions, even where the twin has the top logit."""
+  b, n = 6, 20000
+  twin = np.asarray([3, 0, 3, -3, 0, -3], np.int32)  # rows 0 <-> 3, 2 <-> 5; 1, 4 alone
+  partner = np.arange(b) + twin
+  rng = np.random.default_rng(5)
+  logits = rng.normal(size=(b, b))
+  logits[np.arange(b), partner] += 4.0  # twins look alike: the likeliest draw without the mask
+  logits = logits.astype(np.float32)
+  excluded = np.eye(b, dtype=bool)
+  excluded[np.arange(b), partner] = True
+  x = np.where(excluded, -np.inf, logits.astype(np.float64))
+  p_t2v = np.exp(x - x.max(1, keepdims=True))
+  p_t2v /= p_t2v.sum(1, keepdims=True)
+  p_v2t = np.exp(x - x.max(0, keepdims=True))
+  p_v2t /= p_v2t.sum(0, keepdims=True)
+  keys = jax.random.split(jax.random.key(2), n)
+  neg_v, neg_t = jax.jit(jax.vmap(
+      lambda k: sample_hard_negatives(k, logits, 1.0, jnp.asarray(twin))))(keys)
+  neg_v, neg_t = np.asarray(neg_v), np.asarray(neg_t)
+  for neg in (neg_v, neg_t):
+    assert not np.any(neg == np.arange(b)[None])
+    assert not np.any((neg == partner[None]) & (twin != 0)[None])
+  freq_v = np.stack([np.bincount(neg_v[:, i], minlength=b) for i in range(b)]) / n
+  freq_t = np.stack([np.bincount(neg_t[:, j], minlength=b) for j in range(b)]).T / n
+  assert np.all(np.abs(freq_v - p_t2v) <= 5 * np.sqrt(p_t2v * (1 - p_t2v) / n) + 1e-3)
+  assert np.all(np.abs(freq_t - p_v2t) <= 5 * np.sqrt(p_v2t * (1 - p_v2t) / n) + 1e-3)
+  # Without the mask the twin is the usual draw (what the mask is there to prevent).
+  plain = jax.vmap(lambda k: sample_hard_negatives(k, logits, 1.0)[0])(keys[:2000])
+  assert np.mean(np.asarray(plain)[:, 0] == 3) > 0.5
+  with pytest.raises(ValueError, match="at least 3"):
+    sample_hard_negatives(jax.random.key(0), logits[:2, :2], 1.0, jnp.asarray([1, -1]))
+
+
 def test_twin_negatives_replace_sampled_ones_by_the_reversed_twin():
   from vlp_jax.losses import twin_negatives
   # Rows 0, 1 have twins 4, 5 (offset +4 / -4); rows 2, 3 have none.
@@ -193,7 +228,8 @@ def test_twin_negatives_replace_sampled_ones_by_the_reversed_twin():
   v, t, m = twin_negatives(jax.random.key(0), twin, sampled_v, sampled_t, 0.0)
   np.testing.assert_array_equal(v, sampled_v)
   np.testing.assert_array_equal(t, sampled_t)
-  assert float(m["vtm/twin_frac"]) == 0.0
+  # Twins a sampler drew count too: rows 4 and 5 were given their twins' videos 0 and 1.
+  assert float(m["vtm/twin_frac"]) == pytest.approx(2 / 12)
   # At prob p each row with a twin takes it with frequency p, independently per direction.
   keys = jax.random.split(jax.random.key(1), 4000)
   v, t, _ = jax.vmap(lambda k: twin_negatives(k, twin, sampled_v, sampled_t, 0.3))(keys)

@@ -438,6 +438,37 @@ def test_pem_configuration_errors(tmp_path, data_dir):
   run.checkpointer.close()
 
 
+def test_vtm_leaves_time_reversed_twins_to_twin_prob(data_dir):
+  """With twins in the batch (row r's clip reversed, here with the same caption) the VTM
+  sampler never draws a twin unless `vtm_negatives.sample_twins`; `twin_prob` 1 makes every
+  negative a twin, and `vtm/twin_frac` counts the twins among the 2B negatives."""
+  text = TextInfo(None, 64)
+  rng = np.random.default_rng(0)
+  batch = None
+
+  def twin_frac(**over):
+    nonlocal batch
+    c = _tiny(data_dir, **{"loss.pem": 0.0, "data.reverse_twins.rate": 0.5, **over})
+    task = task_lib.ALPROTask(c, text)
+    assert "twin" in task.streams()["train"].keys
+    if batch is None:
+      batch = task.dummy_batch(8)
+      batch["video"] = rng.normal(size=batch["video"].shape).astype(np.float32)
+      batch["video"][4:] = batch["video"][:4, ::-1]
+      batch["text_ids"] = rng.integers(5, 60, size=batch["text_ids"].shape, dtype=np.int32)
+      batch["text_ids"][4:] = batch["text_ids"][:4]
+      batch["twin"] = np.asarray([4] * 4 + [-4] * 4, np.int32)
+    params = task.init_collections(jax.random.PRNGKey(0))
+    b = {"train": jax.tree.map(jnp.asarray, batch)}
+    step = jax.jit(lambda r: task.loss(params, b, r, train=True, step=jnp.int32(0))[1])
+    return np.mean([float(step(jax.random.PRNGKey(i))["vtm/twin_frac"]) for i in range(8)])
+
+  assert twin_frac() == 0.0
+  # The fresh model's logits are near uniform: about 1 draw in 7 is the twin (128 draws).
+  assert 0.05 < twin_frac(**{"vtm_negatives.sample_twins": True}) < 0.3
+  assert twin_frac(**{"vtm_negatives.twin_prob": 1.0}) == 1.0
+
+
 def test_entity_token_ids_and_threshold_mode(data_dir, monkeypatch):
   from vlp_jax.data import tokenizer as tok
   text = TextInfo(tok.load_tokenizer(str(data_dir / "vocab.txt")), 64)

@@ -27,8 +27,8 @@ def hard_negative_sharpness(step: jax.Array, num_steps: int, hard_from: float = 
   return jnp.clip((progress - hard_from) / ramp, 0.0, 1.0) * max_sharpness
 
 
-def sample_hard_negatives(rng: jax.Array, logits_t2v: jax.Array, sharpness: jax.Array = 1.0
-                         ) -> tuple[jax.Array, jax.Array]:
+def sample_hard_negatives(rng: jax.Array, logits_t2v: jax.Array, sharpness: jax.Array = 1.0,
+                          twin: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Draws one hard negative video per text and one hard negative text per video.
 
   Text `i` gets video `j != i` with probability `softmax(logits_t2v[i])_j` renormalised
@@ -41,13 +41,17 @@ def sample_hard_negatives(rng: jax.Array, logits_t2v: jax.Array, sharpness: jax.
     logits_t2v: float [B, B] text-to-video logits (rows = texts), e.g. from `vtc_loss`.
     sharpness: float scalar multiplying the logits (`hard_negative_sharpness`): 1 = ALPRO,
       0 = uniform over the non-matching pairs, in between a tempered softmax.
+    twin: optional int32 [B], row r's time-reversed twin is row r + twin[r] (0 = none, as
+      `twin_negatives`); twins are masked out like the positive, so that only
+      `twin_negatives` decides how many negatives are twins.
 
   Returns:
     neg_video_for_text: int32 [B], a video index `!= i` for each text `i`.
     neg_text_for_video: int32 [B], a text index `!= j` for each video `j`.
 
   Raises:
-    ValueError: if `logits_t2v` is not square or B < 2 (no negative exists).
+    ValueError: if `logits_t2v` is not square, B < 2 (no negative exists), or B < 3 with
+      `twin` (a row and its twin leave none).
   """
   if logits_t2v.ndim != 2 or logits_t2v.shape[0] != logits_t2v.shape[1]:
     raise ValueError(
@@ -59,7 +63,15 @@ def sample_hard_negatives(rng: jax.Array, logits_t2v: jax.Array, sharpness: jax.
   logits = jax.lax.stop_gradient(logits_t2v).astype(jnp.float32) * sharpness
   # -inf on the diagonal: the positive gets probability exactly 0 and the rest is the
   # renormalised softmax (categorical samples by Gumbel-max, which handles -inf).
-  masked = jnp.where(jnp.eye(b, dtype=bool), -jnp.inf, logits)
+  excluded = jnp.eye(b, dtype=bool)
+  if twin is not None:
+    if b < 3:
+      raise ValueError(f"sample_hard_negatives with twins needs a batch of at least 3, got B={b}")
+    # Twins pair up both ways (r + twin[r] has offset -twin[r]), so one mask serves both
+    # directions: entry [r, r + twin[r]] for every row with a twin.
+    rows = jnp.arange(b)
+    excluded = excluded | ((rows[None, :] == (rows + twin)[:, None]) & (twin != 0)[:, None])
+  masked = jnp.where(excluded, -jnp.inf, logits)
   key_v, key_t = jax.random.split(rng)
   neg_video_for_text = jax.random.categorical(key_v, masked, axis=1)
   neg_text_for_video = jax.random.categorical(key_t, masked, axis=0)
@@ -91,7 +103,9 @@ def twin_negatives(rng: jax.Array, twin: jax.Array, neg_video: jax.Array, neg_te
   use = draw & (twin != 0)[None]
   neg_video = jnp.where(use[0], partner, neg_video).astype(jnp.int32)
   neg_text = jnp.where(use[1], partner, neg_text).astype(jnp.int32)
-  return neg_video, neg_text, {"vtm/twin_frac": jnp.mean(use.astype(jnp.float32))}
+  # Drawn or sampled: a sampler that does not exclude twins picks them too.
+  is_twin = (jnp.stack([neg_video, neg_text]) == partner[None]) & (twin != 0)[None]
+  return neg_video, neg_text, {"vtm/twin_frac": jnp.mean(is_twin.astype(jnp.float32))}
 
 
 def _pair_ce(logits: jax.Array, label: int) -> jax.Array:

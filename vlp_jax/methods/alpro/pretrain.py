@@ -63,7 +63,11 @@ class ALPROTask(task_lib.Task):
     self._twin_prob = float(schedule.get("twin_prob", 0.0))
     if not 0.0 <= self._twin_prob <= 1.0:
       raise ValueError(f"vtm_negatives.twin_prob must be in [0, 1], got {self._twin_prob}")
-    if self._twin_prob > 0 and not float(config.data.get("reverse_twins", {}).get("rate", 0.0)):
+    self._twins = float(config.data.get("reverse_twins", {}).get("rate", 0.0)) > 0
+    # False: the hard-negative sampler never draws a row's twin (`twin_prob` alone sets how
+    # many negatives are twins).
+    self._sample_twins = bool(schedule.get("sample_twins", False))
+    if self._twin_prob > 0 and not self._twins:
       raise ValueError("vtm_negatives.twin_prob > 0 needs time-reversed twins in the batch: "
                        "set data.reverse_twins.rate > 0")
     model_cfg = alpro_config(config.model, text.vocab_size)
@@ -92,7 +96,7 @@ class ALPROTask(task_lib.Task):
   def streams(self) -> dict[str, task_lib.Stream]:
     mixed = float(self.config.data.get("image_ratio", 0.0)) > 0.0
     keys = task_lib.CAPTION_KEYS + ((IS_IMAGE,) if mixed else ()) + (
-        (TWIN,) if self._twin_prob > 0 else ())
+        (TWIN,) if self._twins else ())
     return {"train": task_lib.Stream(keys=keys, image_mix=True)}
 
   def _entity_file(self) -> str:
@@ -218,7 +222,8 @@ class ALPROTask(task_lib.Task):
         sharp = losses.hard_negative_sharpness(step, self.config.num_steps,
                                                **self._vtm_schedule)
         metrics["vtm/sharpness"] = sharp
-      neg_video, neg_text = losses.sample_hard_negatives(keys[4], logits_t2v, sharp)
+      twin = batch.get(TWIN) if step is not None and not self._sample_twins else None
+      neg_video, neg_text = losses.sample_hard_negatives(keys[4], logits_t2v, sharp, twin)
       if TWIN in batch and step is not None:  # training only
         neg_video, neg_text, m = losses.twin_negatives(
             jax.random.fold_in(keys[4], 1), batch[TWIN], neg_video, neg_text, self._twin_prob)
