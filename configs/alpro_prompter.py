@@ -15,8 +15,8 @@ pre-training run, whose model has to match the prompter's encoders.
 With `order.steps` > 0 the prompter starts from the label-free order stage, which
 `launch.train` trains first into WORKDIR/order (`stages`), or from `order.dir`.
 
-Presets: `tiny` (10 steps, unit tests), `demo` (2000 steps on the synthetic corpus, about 10
-minutes on 2 CPU cores), `base` (paper sizes).
+Presets: `tiny` (10 steps, unit tests), `demo` (a 300-step order stage, then 1000 steps on the
+synthetic corpus, about 9 minutes on 2 CPU cores), `base` (paper sizes).
 """
 from configs import alpro_pretrain
 from vlp_jax import config as config_lib

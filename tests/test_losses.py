@@ -6,7 +6,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from vlp_jax.losses import (IGNORE_INDEX, mlm_loss, reversal_nce, sample_hard_negatives,
-                            vtc_loss, vtm_loss)
+                            twin_cosine, vtc_loss, vtm_loss)
 
 
 def _unit_rows(rng, b, e):
@@ -388,3 +388,18 @@ def test_reversal_nce_matches_numpy_and_needs_order_to_win():
     reversal_nce(jnp.asarray(q), jnp.asarray(pos[:4]), jnp.asarray(rev), 0.1)
   with pytest.raises(ValueError, match="temp"):
     reversal_nce(jnp.asarray(q), jnp.asarray(pos), jnp.asarray(rev), 0.0)
+
+
+def test_twin_cosine_pairs_rows_by_offset():
+  rng = np.random.default_rng(3)
+  f = rng.normal(size=(6, 5)).astype(np.float32)
+  f /= np.linalg.norm(f, axis=-1, keepdims=True)
+  # Rows 0 <-> 4 and 1 <-> 3 are pairs; rows 2 and 5 have none.
+  twin = np.asarray([4, 2, 0, -2, -4, 0], np.int32)
+  cos, has = twin_cosine(jnp.asarray(f), jnp.asarray(twin))
+  want = np.asarray([f[0] @ f[4], f[1] @ f[3], 1.0, f[3] @ f[1], f[4] @ f[0], 1.0])
+  np.testing.assert_allclose(np.asarray(cos), want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(has), twin != 0)
+  assert abs(want[0]) < 0.99  # random rows: the pairing, not the diagonal, is what is read
+  with pytest.raises(ValueError, match="twin"):
+    twin_cosine(jnp.asarray(f), jnp.asarray(twin[:4]))

@@ -155,6 +155,11 @@ def test_stages_train_order_then_prompter_on_one_corpus(tmp_path):
   assert name == "order"
   assert alpro_retrieval.get_config("demo").order.steps == 0
   assert alpro_qa.get_config("demo").order.steps == 0
+  # The README's demo command: order stage, then the prompter started from it.
+  demo = alpro_pretrain.get_config("demo")
+  names = [(n, sc.num_steps) for n, sc, _ in alpro_pretrain.stages(demo, root)]
+  assert names == [("order", demo.order.steps), ("prompter", demo.pem.prompter_steps)]
+  assert demo.order.steps > 0 and alpro_pretrain.get_config("base").order.steps == 0
 
 
 def test_order_stage_trains_and_starts_the_prompter(tmp_path):

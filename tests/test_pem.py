@@ -469,6 +469,39 @@ def test_vtm_leaves_time_reversed_twins_to_twin_prob(data_dir):
   assert twin_frac(**{"vtm_negatives.twin_prob": 1.0}) == 1.0
 
 
+def test_twin_cosines_are_the_direction_pairs_feature_cosines(data_dir):
+  """`twin/video_cos` is the mean cosine between the projected video features of each clip
+  and its time-reversed twin (numpy, from the model applied directly), over the rows with a
+  twin; `twin/text_cos` the same for the captions. Logged in training only."""
+  text = TextInfo(None, 64)
+  rng = np.random.default_rng(1)
+  task = task_lib.ALPROTask(_tiny(data_dir, **{"loss.pem": 0.0, "loss.vtm": 0.0,
+                                               "loss.mlm": 0.0, "model.text.dropout": 0.0,
+                                               "data.reverse_twins.rate": 0.5}), text)
+  batch = task.dummy_batch(8)
+  batch["video"] = rng.normal(size=batch["video"].shape).astype(np.float32)
+  batch["video"][6:] = batch["video"][:2, ::-1]  # rows 0, 1 <-> 6, 7; rows 2-5 have no twin
+  batch["text_ids"] = rng.integers(5, 60, size=batch["text_ids"].shape, dtype=np.int32)
+  batch["twin"] = np.asarray([6, 6, 0, 0, 0, 0, -6, -6], np.int32)
+  params = task.init_collections(jax.random.PRNGKey(0))
+  b = {"train": jax.tree.map(jnp.asarray, batch)}
+  m = task.loss(params, b, jax.random.PRNGKey(2), train=True, step=jnp.int32(0))[1]
+
+  app = lambda method, *a: task.model.apply({"params": params["model"]}, *a, method=method)
+  vfeat = np.asarray(app(alpro_lib.ALPRO.video_feature,
+                         app(alpro_lib.ALPRO.encode_video, b["train"]["video"], True)))
+  tfeat = np.asarray(app(alpro_lib.ALPRO.text_feature,
+                         app(alpro_lib.ALPRO.encode_text, b["train"]["text_ids"],
+                             b["train"]["text_mask"], True)))
+  for name, f in (("video", vfeat), ("text", tfeat)):
+    want = np.mean([f[0] @ f[6], f[1] @ f[7]])
+    np.testing.assert_allclose(float(m[f"twin/{name}_cos"]), want, rtol=1e-5)
+    wrong = np.mean([f[0] @ f[7], f[1] @ f[6]])  # rows paired the other way round
+    assert abs(wrong - want) > 1e-4 * abs(want)
+  evaluated = task.loss(params, b, jax.random.PRNGKey(2), train=False)[1]
+  assert "twin/video_cos" not in evaluated
+
+
 def test_entity_token_ids_and_threshold_mode(data_dir, monkeypatch):
   from vlp_jax.data import tokenizer as tok
   text = TextInfo(tok.load_tokenizer(str(data_dir / "vocab.txt")), 64)

@@ -5,7 +5,7 @@ from vlp_jax.losses.pem import (keep_region, label_quality, pem_loss, region_mea
                                 region_patch_mask, regions_from_uniforms, sample_regions,
                                 soft_labels)
 from vlp_jax.losses.qa import qa_loss
-from vlp_jax.losses.reversal_nce import reversal_nce
+from vlp_jax.losses.reversal_nce import reversal_nce, twin_cosine
 from vlp_jax.losses.vtc import vtc_loss
 from vlp_jax.losses.vtm import (hard_negative_sharpness, sample_hard_negatives, twin_negatives,
                                 vtm_loss)
@@ -27,6 +27,7 @@ __all__ = [
     "sample_regions",
     "scale_from_logit",
     "soft_labels",
+    "twin_cosine",
     "twin_negatives",
     "vtc_loss",
     "vtm_loss",

@@ -52,6 +52,33 @@ def reversal_nce(query: jax.Array, positive: jax.Array, reversed_: jax.Array,
   return per_sample, metrics
 
 
+def twin_cosine(features: jax.Array, twin: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Cosine between each row's feature and its time-reversed twin's (a batch's direction pairs).
+
+  With `data.reverse_twins` a training batch holds pairs of a clip and the same clip played
+  backwards, captioned with opposite direction words. An encoder blind to frame order gives
+  both clips the same feature (cosine 1); a text tower that ignores the direction words gives
+  both captions the same feature. VTC's gradient on the difference of the two video features
+  is proportional to the difference of the two caption features, and the reverse, so while
+  both cosines are near 1 VTC barely moves either.
+
+  Args:
+    features: float [B, E], L2-normalised.
+    twin: int [B], row r's twin is row r + twin[r]; 0 = no twin.
+
+  Returns:
+    cos: float32 [B], `features[r] . features[r + twin[r]]` (1 on rows without a twin).
+    has_twin: bool [B].
+  """
+  if features.ndim != 2 or twin.shape != features.shape[:1]:
+    raise ValueError(f"twin_cosine expects features [B, E] and twin [B], got {features.shape} "
+                     f"and {twin.shape}")
+  partner = jnp.arange(features.shape[0], dtype=jnp.int32) + twin.astype(jnp.int32)
+  f = features.astype(jnp.float32)
+  cos = jnp.sum(f * f[partner], -1)
+  return cos, twin != 0
+
+
 def shifted_views(key: jax.Array, video: jax.Array, max_shift: int) -> jax.Array:
   """Each clip moved by its own offset, the same on every frame: a view whose motion is unchanged.
 

@@ -188,8 +188,9 @@ class ALPROTask(task_lib.Task):
       frozen: `load_frozen(...).params` (needed when `loss.pem` > 0).
     Returns:
       (scalar float32 loss, metrics dict with `loss/vtc`, `loss/vtm`, `loss/mlm`, `loss/pem`
-      (each when its weight is > 0), accuracies, `pem/kept_frac`, `temp`, and
-      `data/image_frac` with mixed image batches).
+      (each when its weight is > 0), accuracies, `pem/kept_frac`, `temp`,
+      `data/image_frac` with mixed image batches, and `twin/video_cos`, `twin/text_cos` (mean
+      cosine of the direction pairs' projected features) with time-reversed twins).
     """
     params, batch = params["model"], batches["train"]
     det = not train
@@ -212,6 +213,14 @@ class ALPROTask(task_lib.Task):
     metrics["temp"] = temp
     if IS_IMAGE in batch:
       metrics["data/image_frac"] = jnp.mean(batch[IS_IMAGE].astype(jnp.float32))
+    if TWIN in batch and step is not None:  # training batches with direction pairs
+      # How far each tower is from mapping a clip and its reversal (or the two captions)
+      # together: 1 = blind to the direction of time.
+      has = batch[TWIN] != 0
+      count = jnp.maximum(jnp.sum(has), 1)
+      for name, feat in (("video", vfeat), ("text", tfeat)):
+        cos, _ = losses.twin_cosine(feat, batch[TWIN])
+        metrics[f"twin/{name}_cos"] = jnp.sum(jnp.where(has, cos, 0.0)) / count
 
     b = text.shape[0]
     mask = batch["text_mask"]
