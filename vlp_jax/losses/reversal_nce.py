@@ -52,8 +52,8 @@ def reversal_nce(query: jax.Array, positive: jax.Array, reversed_: jax.Array,
   return per_sample, metrics
 
 
-def twin_cosine(features: jax.Array, twin: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Cosine between each row's feature and its time-reversed twin's (a batch's direction pairs).
+def twin_cosine(features: jax.Array, twin: jax.Array) -> jax.Array:
+  """Mean cosine between a row's feature and its time-reversed twin's over a batch's pairs.
 
   With `data.reverse_twins` a training batch holds pairs of a clip and the same clip played
   backwards, captioned with opposite direction words. An encoder blind to frame order gives
@@ -67,16 +67,17 @@ def twin_cosine(features: jax.Array, twin: jax.Array) -> tuple[jax.Array, jax.Ar
     twin: int [B], row r's twin is row r + twin[r]; 0 = no twin.
 
   Returns:
-    cos: float32 [B], `features[r] . features[r + twin[r]]` (1 on rows without a twin).
-    has_twin: bool [B].
+    float32 scalar: the mean of `features[r] . features[r + twin[r]]` over the rows with a
+    twin (0 when none has one).
   """
   if features.ndim != 2 or twin.shape != features.shape[:1]:
     raise ValueError(f"twin_cosine expects features [B, E] and twin [B], got {features.shape} "
                      f"and {twin.shape}")
   partner = jnp.arange(features.shape[0], dtype=jnp.int32) + twin.astype(jnp.int32)
   f = features.astype(jnp.float32)
-  cos = jnp.sum(f * f[partner], -1)
-  return cos, twin != 0
+  has = twin != 0
+  cos = jnp.where(has, jnp.sum(f * f[partner], -1), 0.0)
+  return jnp.sum(cos) / jnp.maximum(jnp.sum(has), 1)
 
 
 def shifted_views(key: jax.Array, video: jax.Array, max_shift: int) -> jax.Array:
